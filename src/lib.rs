@@ -1,0 +1,152 @@
+//! sqlite-writelock: serialized SQLite writers across processes.
+//!
+//! A VFS shim, loaded as an extension, that holds an exclusive `flock()` on
+//! `<db>.lock` for exactly as long as a connection is a writer — rollback and
+//! WAL modes alike. See `README.md` for users and `../shared/DESIGN.md` for the
+//! protocol's reasoning.
+//!
+//! Layout:
+//! * [`lockfile`] — `<db>.lock`: safe open, `flock`, errors (pure Rust).
+//! * [`protocol`] — when a handle is a writer and so must hold the lock (pure Rust).
+//! * `vfs` — the FFI shim over the default VFS.
+//! * `sql` — `writelock_version()`, `writelock_status()`, the auto-extension.
+
+use std::ffi::{c_char, c_int};
+use std::sync::OnceLock;
+
+use libsqlite3_sys as ffi;
+
+pub mod lockfile;
+pub mod protocol;
+mod sql;
+pub mod stats;
+mod vfs;
+
+pub use sql::VERSION;
+pub use vfs::VFS_NAME;
+
+/// Write `msg` to SQLite's error log (`sqlite3_log`, `SQLITE_CONFIG_LOG`).
+pub(crate) fn log_error(rc: c_int, msg: &str) {
+    let c = std::ffi::CString::new(msg.replace('\0', "?")).unwrap_or_default();
+    // SAFETY: "%s" with one NUL-terminated argument that outlives the call.
+    unsafe { ffi::sqlite3_log(rc, c"%s".as_ptr(), c.as_ptr()) }
+}
+
+/// Put `msg` into an extension's `char **pzErrMsg`, allocated by SQLite.
+///
+/// # Safety
+/// `slot` is NULL or the error-message slot SQLite passed to an entry point.
+pub(crate) unsafe fn set_errmsg(slot: *mut *mut c_char, msg: &str) {
+    if slot.is_null() {
+        return;
+    }
+    let bytes = msg.as_bytes();
+    let p = ffi::sqlite3_malloc(bytes.len() as c_int + 1) as *mut u8;
+    if !p.is_null() {
+        // SAFETY: `p` has room for the bytes and the NUL we write.
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        *p.add(bytes.len()) = 0;
+    }
+    *slot = p as *mut c_char;
+}
+
+/// Why [`register`] failed: the SQLite result code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterError(pub c_int);
+
+impl std::fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "writelock: registering the VFS failed with SQLite code {}", self.0)
+    }
+}
+impl std::error::Error for RegisterError {}
+
+/// Register VFS `writelock` over the current default VFS, make it the default,
+/// and add the SQL functions to every connection opened from now on.
+///
+/// For programs that link SQLite themselves (build this crate with
+/// `default-features = false`). Idempotent. Connections opened *before* the
+/// call are not protected.
+pub fn register() -> Result<(), RegisterError> {
+    vfs::register_vfs().map_err(RegisterError)?;
+    type AutoInit =
+        unsafe extern "C" fn(*mut ffi::sqlite3, *mut *mut c_char, *const ffi::sqlite3_api_routines) -> c_int;
+    // SAFETY: sqlite3_auto_extension takes `void(*)(void)` and calls it with
+    // the extension-entry signature that `auto_init` has; SQLite ignores a
+    // second registration of the same pointer.
+    let rc = unsafe {
+        let f: unsafe extern "C" fn() = std::mem::transmute::<AutoInit, unsafe extern "C" fn()>(sql::auto_init);
+        ffi::sqlite3_auto_extension(Some(f))
+    };
+    if rc != ffi::SQLITE_OK {
+        return Err(RegisterError(rc));
+    }
+    Ok(())
+}
+
+/// The `sqlite3_api_routines` of the first SQLite that loaded us.
+#[cfg(feature = "loadable_extension")]
+static HOST_API: OnceLock<usize> = OnceLock::new();
+
+/// Report an init error through the *calling* library's allocator.
+///
+/// # Safety
+/// `api` is the routines table SQLite passed to the entry point.
+#[cfg(feature = "loadable_extension")]
+unsafe fn init_error(api: *const ffi::sqlite3_api_routines, err: *mut *mut c_char, msg: &str) -> c_int {
+    if !err.is_null() {
+        if let Some(mprintf) = (*api).mprintf {
+            let c = std::ffi::CString::new(msg).unwrap_or_default();
+            *err = mprintf(c"%s".as_ptr(), c.as_ptr());
+        }
+    }
+    ffi::SQLITE_ERROR
+}
+
+/// The extension entry point: `.load ./target/release/libwritelock`.
+///
+/// Registers VFS `writelock` (default from now on), the auto-extension and the
+/// SQL functions on `db`, and asks to stay loaded. Loading again into the same
+/// SQLite is harmless; loading into a second, different SQLite library in the
+/// same process is refused, because our calls would go to the first one.
+///
+/// # Safety
+/// Called by SQLite's extension loader with a live `db` and its API table.
+#[cfg(feature = "loadable_extension")]
+#[no_mangle]
+pub unsafe extern "C" fn sqlite3_writelock_init(
+    db: *mut ffi::sqlite3,
+    err: *mut *mut c_char,
+    api: *mut ffi::sqlite3_api_routines,
+) -> c_int {
+    std::panic::catch_unwind(|| {
+        // SAFETY: SQLite passes a valid API table and connection.
+        unsafe {
+            if api.is_null() {
+                return ffi::SQLITE_ERROR;
+            }
+            let first = *HOST_API.get_or_init(|| api as usize);
+            if first != api as usize {
+                return init_error(
+                    api,
+                    err,
+                    "writelock: already loaded into a different SQLite library in this process; \
+                     one process can use the extension from one SQLite library only",
+                );
+            }
+            if let Err(e) = ffi::rusqlite_extension_init2(api) {
+                return init_error(api, err, &format!("writelock: cannot use this SQLite: {e}"));
+            }
+            if let Err(e) = register() {
+                set_errmsg(err, &e.to_string());
+                return e.0;
+            }
+            let rc = sql::register_functions(db);
+            if rc != ffi::SQLITE_OK {
+                return rc;
+            }
+            ffi::SQLITE_OK_LOAD_PERMANENTLY
+        }
+    })
+    .unwrap_or(ffi::SQLITE_INTERNAL)
+}

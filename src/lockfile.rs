@@ -1,0 +1,326 @@
+//! The side file `<db>.lock` and the exclusive `flock()` on it.
+//!
+//! Pure Rust, no SQLite: opening the file safely, taking and dropping the lock,
+//! and errors that name the path and the cause. The name `<db>.lock` is a public
+//! contract: `flock(1)` scripts and applications that lock it exclude, and are
+//! excluded by, every connection of this extension.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::fcntl::{Flock, FlockArg};
+use nix::unistd::Pid;
+
+/// Why `<db>.lock` cannot serve as the writer lock. Every variant names the path.
+#[derive(Debug)]
+pub enum LockError {
+    /// `open()` failed: read-only directory, permissions, a symlink (`O_NOFOLLOW`), …
+    Open { path: PathBuf, source: io::Error },
+    /// The path exists but is not a regular file (a directory, FIFO, socket, device).
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// `flock()` itself failed with something other than "held by someone else".
+    Flock { path: PathBuf, errno: Errno },
+    /// The handle was opened in another process (before a `fork()`): its lock
+    /// descriptor is shared with the parent, so acting on it would act on the
+    /// parent's lock.
+    Forked { path: PathBuf, opened_in: i32, used_in: i32 },
+}
+
+impl LockError {
+    /// The lock file this error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            LockError::Open { path, .. }
+            | LockError::NotRegular { path, .. }
+            | LockError::Flock { path, .. }
+            | LockError::Forked { path, .. } => path,
+        }
+    }
+}
+
+impl fmt::Display for LockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.path().display();
+        match self {
+            LockError::Open { source, .. } => {
+                let hint = match source.raw_os_error() {
+                    Some(libc::ELOOP) => {
+                        " (it is a symlink; writelock refuses to follow links at <db>.lock — remove it)"
+                    }
+                    Some(libc::EISDIR) => {
+                        " (it is a directory, perhaps left by SQLite's unix-dotfile VFS — remove it if no process uses that VFS)"
+                    }
+                    Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                        " (the directory must be writable to create it, or the file must exist and be writable)"
+                    }
+                    _ => "",
+                };
+                write!(f, "writelock: cannot open lock file {p}: {source}{hint}")
+            }
+            LockError::NotRegular { kind, .. } => write!(
+                f,
+                "writelock: lock file {p} is a {kind}, not a regular file; remove it and retry"
+            ),
+            LockError::Flock { errno, .. } => {
+                write!(f, "writelock: flock() on {p} failed: {}", errno.desc())
+            }
+            LockError::Forked {
+                opened_in, used_in, ..
+            } => write!(
+                f,
+                "writelock: connection opened in process {opened_in} used in process {used_in} \
+                 after fork(); the lock on {p} belongs to the parent — open a new connection in the child"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LockError {}
+
+/// `<db>.lock` for a database path: the name is the contract.
+pub fn lock_path_for(db_path: &Path) -> PathBuf {
+    let mut s = db_path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+enum State {
+    Unlocked(File),
+    Locked(Flock<File>),
+    /// Only while a state transition is in flight; never observed between calls.
+    Transit,
+}
+
+/// An open `<db>.lock`, with its own open file description: two handles in
+/// one process exclude each other just as two processes do.
+pub struct LockFile {
+    path: PathBuf,
+    state: State,
+    pid: i32,
+}
+
+impl LockFile {
+    /// Open (creating if needed) the lock file for `db_path`.
+    ///
+    /// Refuses symlinks (`O_NOFOLLOW`) and anything that is not a regular file.
+    /// A new file gets the permission bits of the database file, as SQLite does
+    /// for its journals.
+    pub fn open(db_path: &Path) -> Result<LockFile, LockError> {
+        let path = lock_path_for(db_path);
+        let mode = std::fs::metadata(db_path)
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or(0o644);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(mode)
+            // O_NONBLOCK: opening a FIFO someone put there must not hang us.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|source| LockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let ft = file
+            .metadata()
+            .map_err(|source| LockError::Open {
+                path: path.clone(),
+                source,
+            })?
+            .file_type();
+        if !ft.is_file() {
+            let kind = if ft.is_dir() {
+                "directory"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_char_device() || ft.is_block_device() {
+                "device"
+            } else {
+                "special file"
+            };
+            return Err(LockError::NotRegular { path, kind });
+        }
+        Ok(LockFile {
+            path,
+            state: State::Unlocked(file),
+            pid: std::process::id() as i32,
+        })
+    }
+
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this handle holds the exclusive lock now.
+    pub fn is_held(&self) -> bool {
+        matches!(self.state, State::Locked(_))
+    }
+
+    fn check_pid(&self) -> Result<(), LockError> {
+        let now = nix::unistd::getpid();
+        if now != Pid::from_raw(self.pid) {
+            return Err(LockError::Forked {
+                path: self.path.clone(),
+                opened_in: self.pid,
+                used_in: now.as_raw(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Try to take `LOCK_EX` without blocking: `Ok(true)` taken (or already
+    /// held by this handle), `Ok(false)` someone else holds it.
+    pub fn try_lock(&mut self) -> Result<bool, LockError> {
+        self.check_pid()?;
+        match std::mem::replace(&mut self.state, State::Transit) {
+            State::Unlocked(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => {
+                    self.state = State::Locked(locked);
+                    Ok(true)
+                }
+                Err((file, errno)) => {
+                    self.state = State::Unlocked(file);
+                    if errno == Errno::EWOULDBLOCK || errno == Errno::EINTR {
+                        Ok(false)
+                    } else {
+                        Err(LockError::Flock {
+                            path: self.path.clone(),
+                            errno,
+                        })
+                    }
+                }
+            },
+            held @ State::Locked(_) => {
+                self.state = held;
+                Ok(true)
+            }
+            State::Transit => unreachable!("lock file state left in transit"),
+        }
+    }
+
+    /// Drop the lock if held. In a forked child the descriptor is shared with
+    /// the parent, so nothing is done: unlocking would release the parent's lock.
+    pub fn unlock(&mut self) {
+        if self.check_pid().is_err() {
+            return;
+        }
+        self.state = match std::mem::replace(&mut self.state, State::Transit) {
+            State::Locked(locked) => match locked.unlock() {
+                Ok(file) => State::Unlocked(file),
+                // LOCK_UN on a valid descriptor does not fail; if it ever did,
+                // keep believing we hold it (fail closed) — close() releases it.
+                Err((locked, _)) => State::Locked(locked),
+            },
+            other => other,
+        };
+    }
+
+    /// Whether another open file description holds `LOCK_EX` now. Probes with
+    /// `LOCK_SH|LOCK_NB`, released at once; used only on the rare hot-journal path.
+    pub fn held_elsewhere(&mut self) -> Result<bool, LockError> {
+        self.check_pid()?;
+        match &self.state {
+            State::Locked(_) => Ok(false),
+            State::Unlocked(_) => {
+                let State::Unlocked(file) = std::mem::replace(&mut self.state, State::Transit)
+                else {
+                    unreachable!()
+                };
+                match Flock::lock(file, FlockArg::LockSharedNonblock) {
+                    Ok(shared) => {
+                        self.state = match shared.unlock() {
+                            Ok(file) => State::Unlocked(file),
+                            Err((shared, _)) => State::Locked(shared),
+                        };
+                        Ok(false)
+                    }
+                    Err((file, errno)) => {
+                        self.state = State::Unlocked(file);
+                        if errno == Errno::EWOULDBLOCK {
+                            Ok(true)
+                        } else {
+                            Err(LockError::Flock {
+                                path: self.path.clone(),
+                                errno,
+                            })
+                        }
+                    }
+                }
+            }
+            State::Transit => unreachable!("lock file state left in transit"),
+        }
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        if self.check_pid().is_err() {
+            // In a forked child: Flock's Drop would LOCK_UN the description the
+            // parent still uses. Leak this descriptor instead of unlocking it.
+            if let State::Locked(locked) = std::mem::replace(&mut self.state, State::Transit) {
+                std::mem::forget(locked);
+            }
+        }
+        // Otherwise dropping the File/Flock closes the descriptor, which
+        // releases the flock. The file itself is never unlinked.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "wl-lockfile-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn two_handles_exclude_each_other() {
+        let db = tmp().join("a.db");
+        let mut a = LockFile::open(&db).unwrap();
+        let mut b = LockFile::open(&db).unwrap();
+        assert!(a.try_lock().unwrap());
+        assert!(!b.try_lock().unwrap());
+        assert!(b.held_elsewhere().unwrap());
+        a.unlock();
+        assert!(!b.held_elsewhere().unwrap());
+        assert!(b.try_lock().unwrap());
+        drop(b);
+        assert!(a.try_lock().unwrap());
+        assert!(lock_path_for(&db).exists(), "the lock file is never deleted");
+    }
+
+    #[test]
+    fn refuses_directory_symlink_and_fifo() {
+        let d = tmp();
+        std::fs::create_dir(d.join("dir.db.lock")).unwrap();
+        let e = LockFile::open(&d.join("dir.db")).err().unwrap();
+        assert!(e.to_string().contains("dir.db.lock"), "{e}");
+        assert!(e.to_string().contains("directory"), "{e}");
+
+        std::fs::write(d.join("target"), b"").unwrap();
+        std::os::unix::fs::symlink(d.join("target"), d.join("ln.db.lock")).unwrap();
+        let e = LockFile::open(&d.join("ln.db")).err().unwrap();
+        assert!(e.to_string().contains("symlink"), "{e}");
+
+        nix::unistd::mkfifo(&d.join("fifo.db.lock"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = LockFile::open(&d.join("fifo.db")).err().unwrap();
+        assert!(e.to_string().contains("FIFO"), "{e}");
+    }
+}

@@ -1,0 +1,632 @@
+//! The FFI shim: VFS `writelock` over the VFS that was default at load time.
+//!
+//! Modelled on SQLite's `ext/misc/cksumvfs.c`: thin delegation, the inner
+//! `sqlite3_file` placed right after ours, one idea per method. Only files
+//! opened with `SQLITE_OPEN_MAIN_DB` get our methods; journals, WAL and temp
+//! files are opened straight into the inner VFS, so they *are* inner files.
+//!
+//! Every `extern "C"` function catches panics and maps them to an SQLite error
+//! code; all lock decisions live in [`crate::protocol`].
+
+use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use libsqlite3_sys as ffi;
+
+use crate::lockfile::{lock_path_for, LockFile};
+use crate::protocol::{Counters, Protocol};
+
+/// The VFS name users see: `file:app.db?vfs=writelock`, `writelock_status()`.
+pub const VFS_NAME: &CStr = c"writelock";
+
+/// What a main-database handle carries besides the inner file.
+pub(crate) struct FileState {
+    /// `<db>.lock`; `None` when no lock is needed (read-only, immutable).
+    pub lock_path: Option<PathBuf>,
+    /// The protocol, or why the lock file could not be used (fail closed).
+    pub lock: Result<Option<Mutex<Protocol<LockFile>>>, String>,
+}
+
+/// A snapshot of one handle for `writelock_status()`.
+pub(crate) struct HandleReport {
+    pub lock_path: Option<PathBuf>,
+    pub holding: bool,
+    pub error: Option<String>,
+    pub counters: Counters,
+}
+
+/// Our `sqlite3_file`: the base struct SQLite sees, then a pointer to our
+/// state; the inner file follows at [`INNER_OFFSET`].
+#[repr(C)]
+struct ShimFile {
+    base: ffi::sqlite3_file,
+    state: *mut FileState,
+}
+
+/// Where the inner `sqlite3_file` starts: after ours, 8-byte aligned.
+const INNER_OFFSET: usize = (std::mem::size_of::<ShimFile>() + 7) & !7;
+
+fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(on_panic)
+}
+
+fn lock_proto(m: &Mutex<Protocol<LockFile>>) -> MutexGuard<'_, Protocol<LockFile>> {
+    // A panic inside a lock call leaves the protocol state as it was between
+    // two field updates at worst; keep serving (and failing closed) rather than abort.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run one protocol step and write any lock-file error it hit to SQLite's log.
+fn step(m: &Mutex<Protocol<LockFile>>, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int {
+    let mut p = lock_proto(m);
+    let rc = op(&mut p);
+    if let Some((code, msg)) = p.unlogged.take() {
+        drop(p);
+        crate::log_error(code, &msg);
+    }
+    rc
+}
+
+/// The inner file of one of our files.
+///
+/// # Safety
+/// `f` points to a file SQLite allocated with our `szOsFile`, so there are
+/// `INNER_OFFSET + inner.szOsFile` bytes behind it.
+unsafe fn inner(f: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
+    (f as *mut u8).add(INNER_OFFSET) as *mut ffi::sqlite3_file
+}
+
+/// The inner file's methods.
+///
+/// # Safety
+/// As [`inner`], and the inner file was opened successfully (non-NULL methods),
+/// which holds for every file whose `pMethods` is one of ours.
+unsafe fn im(f: *mut ffi::sqlite3_file) -> &'static ffi::sqlite3_io_methods {
+    &*(*inner(f)).pMethods
+}
+
+/// Our state for a main-db file.
+///
+/// # Safety
+/// `f` has one of our method tables, so `state` was set by `x_open` from a
+/// `Box` and stays valid until `x_close`.
+unsafe fn state<'a>(f: *mut ffi::sqlite3_file) -> &'a FileState {
+    &*(*(f as *mut ShimFile)).state
+}
+
+/// Call an inner method that SQLite guarantees for this `iVersion`.
+macro_rules! inner_call {
+    ($f:expr, $m:ident $(, $arg:expr)*) => {
+        match im($f).$m {
+            Some(m) => m(inner($f) $(, $arg)*),
+            None => ffi::SQLITE_IOERR,
+        }
+    };
+}
+
+/// Run `op` on the protocol when the handle has one; `pass` otherwise.
+///
+/// # Safety
+/// As [`state`].
+unsafe fn with_proto(
+    f: *mut ffi::sqlite3_file,
+    pass: impl FnOnce() -> c_int,
+    op: impl FnOnce(&mut Protocol<LockFile>) -> c_int,
+) -> c_int {
+    match &state(f).lock {
+        Ok(None) => pass(),
+        Ok(Some(m)) => step(m, op),
+        Err(msg) => {
+            crate::log_error(ffi::SQLITE_CANTOPEN, msg);
+            ffi::SQLITE_CANTOPEN
+        }
+    }
+}
+
+// ---- io methods -------------------------------------------------------------
+
+unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
+    guard(ffi::SQLITE_IOERR_CLOSE, || {
+        // SAFETY: SQLite calls xClose once, on a file we opened (our methods).
+        unsafe {
+            let rc = inner_call!(f, xClose);
+            let sf = f as *mut ShimFile;
+            let st = Box::from_raw((*sf).state);
+            (*sf).state = ptr::null_mut();
+            if let Ok(Some(m)) = &st.lock {
+                lock_proto(m).close();
+            }
+            drop(st); // closes <db>.lock's descriptor, after the inner unlock
+            rc
+        }
+    })
+}
+
+unsafe extern "C" fn x_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, n: c_int, off: i64) -> c_int {
+    // SAFETY: delegation with SQLite's own arguments to the inner file.
+    guard(ffi::SQLITE_IOERR_READ, || unsafe { inner_call!(f, xRead, buf, n, off) })
+}
+
+unsafe extern "C" fn x_write(f: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off: i64) -> c_int {
+    // SAFETY: delegation with SQLite's own arguments to the inner file.
+    guard(ffi::SQLITE_IOERR_WRITE, || unsafe { inner_call!(f, xWrite, buf, n, off) })
+}
+
+unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_IOERR_TRUNCATE, || unsafe { inner_call!(f, xTruncate, size) })
+}
+
+unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_IOERR_FSYNC, || unsafe { inner_call!(f, xSync, flags) })
+}
+
+unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
+    // SAFETY: delegation; `out` is SQLite's.
+    guard(ffi::SQLITE_IOERR_FSTAT, || unsafe { inner_call!(f, xFileSize, out) })
+}
+
+unsafe extern "C" fn x_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR_LOCK, || {
+        // SAFETY: our file (our methods); the closure only delegates.
+        unsafe {
+            with_proto(
+                f,
+                || inner_call!(f, xLock, level),
+                |p| p.lock(level, || inner_call!(f, xLock, level)),
+            )
+        }
+    })
+}
+
+unsafe extern "C" fn x_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR_UNLOCK, || {
+        // SAFETY: as x_lock. Unlocking never fails closed: a handle whose lock
+        // file is unusable never got past xLock, so there is nothing to release.
+        unsafe {
+            match &state(f).lock {
+                Ok(Some(m)) => step(m, |p| p.unlock(level, || inner_call!(f, xUnlock, level))),
+                _ => inner_call!(f, xUnlock, level),
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, || {
+        // SAFETY: our file; `out` is SQLite's and valid for one int.
+        unsafe {
+            with_proto(
+                f,
+                || inner_call!(f, xCheckReservedLock, out),
+                |p| {
+                    let (rc, res) = p.check_reserved(|r| inner_call!(f, xCheckReservedLock, r));
+                    *out = res;
+                    rc
+                },
+            )
+        }
+    })
+}
+
+unsafe extern "C" fn x_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_IOERR, || unsafe { inner_call!(f, xFileControl, op, arg) })
+}
+
+unsafe extern "C" fn x_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: delegation.
+    guard(4096, || unsafe {
+        match im(f).xSectorSize {
+            Some(m) => m(inner(f)),
+            None => 4096,
+        }
+    })
+}
+
+unsafe extern "C" fn x_device_characteristics(f: *mut ffi::sqlite3_file) -> c_int {
+    // SAFETY: delegation.
+    guard(0, || unsafe {
+        match im(f).xDeviceCharacteristics {
+            Some(m) => m(inner(f)),
+            None => 0,
+        }
+    })
+}
+
+unsafe extern "C" fn x_shm_map(
+    f: *mut ffi::sqlite3_file,
+    pg: c_int,
+    pgsz: c_int,
+    extend: c_int,
+    pp: *mut *mut c_void,
+) -> c_int {
+    // SAFETY: delegation (only in tables of iVersion >= 2, like the inner's).
+    guard(ffi::SQLITE_IOERR_SHMMAP, || unsafe { inner_call!(f, xShmMap, pg, pgsz, extend, pp) })
+}
+
+unsafe extern "C" fn x_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int, flags: c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR_SHMLOCK, || {
+        // SAFETY: our file; the closures only delegate.
+        unsafe {
+            with_proto(
+                f,
+                || inner_call!(f, xShmLock, ofst, n, flags),
+                |p| p.shm_lock(ofst, n, flags, || inner_call!(f, xShmLock, ofst, n, flags)),
+            )
+        }
+    })
+}
+
+unsafe extern "C" fn x_shm_barrier(f: *mut ffi::sqlite3_file) {
+    // SAFETY: delegation.
+    guard((), || unsafe {
+        if let Some(m) = im(f).xShmBarrier {
+            m(inner(f))
+        }
+    })
+}
+
+unsafe extern "C" fn x_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR_SHMMAP, || {
+        // SAFETY: our file; all shm locks go with the mapping.
+        unsafe {
+            let rc = inner_call!(f, xShmUnmap, delete);
+            if let Ok(Some(m)) = &state(f).lock {
+                lock_proto(m).shm_unmap();
+            }
+            rc
+        }
+    })
+}
+
+unsafe extern "C" fn x_fetch(f: *mut ffi::sqlite3_file, off: i64, n: c_int, pp: *mut *mut c_void) -> c_int {
+    // SAFETY: delegation (only in tables of iVersion 3, like the inner's).
+    guard(ffi::SQLITE_IOERR_READ, || unsafe { inner_call!(f, xFetch, off, n, pp) })
+}
+
+unsafe extern "C" fn x_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_IOERR_READ, || unsafe { inner_call!(f, xUnfetch, off, p) })
+}
+
+const fn methods(version: c_int) -> ffi::sqlite3_io_methods {
+    ffi::sqlite3_io_methods {
+        iVersion: version,
+        xClose: Some(x_close),
+        xRead: Some(x_read),
+        xWrite: Some(x_write),
+        xTruncate: Some(x_truncate),
+        xSync: Some(x_sync),
+        xFileSize: Some(x_file_size),
+        xLock: Some(x_lock),
+        xUnlock: Some(x_unlock),
+        xCheckReservedLock: Some(x_check_reserved_lock),
+        xFileControl: Some(x_file_control),
+        xSectorSize: Some(x_sector_size),
+        xDeviceCharacteristics: Some(x_device_characteristics),
+        xShmMap: if version >= 2 { Some(x_shm_map) } else { None },
+        xShmLock: if version >= 2 { Some(x_shm_lock) } else { None },
+        xShmBarrier: if version >= 2 { Some(x_shm_barrier) } else { None },
+        xShmUnmap: if version >= 2 { Some(x_shm_unmap) } else { None },
+        xFetch: if version >= 3 { Some(x_fetch) } else { None },
+        xUnfetch: if version >= 3 { Some(x_unfetch) } else { None },
+    }
+}
+
+/// One table per inner `iVersion`, so we expose exactly what the inner file has.
+static METHODS: [ffi::sqlite3_io_methods; 3] = [methods(1), methods(2), methods(3)];
+
+/// Whether `f` is a main-db file of ours (used by the SQL functions).
+fn is_ours(f: *const ffi::sqlite3_file) -> bool {
+    // SAFETY: `f` is a file SQLite handed out; reading its methods pointer is
+    // what SQLite itself does.
+    let m = unsafe { (*f).pMethods };
+    METHODS.iter().any(|t| ptr::eq(t, m))
+}
+
+/// Report on a main-db file of SQLite's, or `None` if it is not ours.
+///
+/// # Safety
+/// `f` is NULL or an open `sqlite3_file` of a connection the caller is inside.
+pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
+    if f.is_null() || (*f).pMethods.is_null() || !is_ours(f) {
+        return None;
+    }
+    let st = state(f);
+    let (holding, error, counters) = match &st.lock {
+        Ok(Some(m)) => {
+            let p = lock_proto(m);
+            (p.holds(), p.last_error.clone(), p.counters)
+        }
+        Ok(None) => (false, None, Counters::default()),
+        Err(e) => (false, Some(e.clone()), Counters::default()),
+    };
+    Some(HandleReport {
+        lock_path: st.lock_path.clone(),
+        holding,
+        error,
+        counters,
+    })
+}
+
+// ---- vfs methods ------------------------------------------------------------
+
+/// The wrapped VFS.
+///
+/// # Safety
+/// `vfs` is our registered VFS, whose `pAppData` is the inner VFS (set once in
+/// [`register_vfs`], never freed).
+unsafe fn ivfs(vfs: *mut ffi::sqlite3_vfs) -> &'static mut ffi::sqlite3_vfs {
+    &mut *((*vfs).pAppData as *mut ffi::sqlite3_vfs)
+}
+
+fn needs_lock_file(name: *const c_char, out_flags: c_int) -> bool {
+    if name.is_null() || out_flags & ffi::SQLITE_OPEN_READONLY != 0 {
+        return false;
+    }
+    // SAFETY: `name` is the filename SQLite passed to xOpen for a main db,
+    // which carries its URI parameters after it, as sqlite3_uri_boolean expects.
+    let immutable = unsafe { ffi::sqlite3_uri_boolean(name, c"immutable".as_ptr(), 0) };
+    immutable == 0
+}
+
+unsafe extern "C" fn v_open(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    f: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    guard(ffi::SQLITE_CANTOPEN, || {
+        // SAFETY: SQLite allocated `f` with our szOsFile and passes a valid
+        // VFS, name (or NULL) and out-flags pointer (or NULL).
+        unsafe {
+            let iv = ivfs(vfs);
+            let Some(open) = iv.xOpen else { return ffi::SQLITE_CANTOPEN };
+            if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
+                // Journals, WAL, temp files: the outer buffer becomes the inner file.
+                return open(iv, name, f, flags, out_flags);
+            }
+            let sf = f as *mut ShimFile;
+            (*sf).base.pMethods = ptr::null();
+            (*sf).state = ptr::null_mut();
+            let fi = inner(f);
+            (*fi).pMethods = ptr::null();
+            let mut oflags = 0;
+            let rc = open(iv, name, fi, flags, &mut oflags);
+            if !out_flags.is_null() {
+                *out_flags = oflags;
+            }
+            if rc != ffi::SQLITE_OK {
+                if !(*fi).pMethods.is_null() {
+                    inner_call!(f, xClose);
+                }
+                return rc;
+            }
+            let db_path = if name.is_null() {
+                PathBuf::new()
+            } else {
+                PathBuf::from(OsStr::from_bytes(CStr::from_ptr(name).to_bytes()))
+            };
+            let (lock_path, lock) = if needs_lock_file(name, oflags) {
+                let lp = lock_path_for(&db_path);
+                let lock = match LockFile::open(&db_path) {
+                    Ok(lf) => Ok(Some(Mutex::new(Protocol::new(lf)))),
+                    Err(e) => {
+                        // Fail closed: the handle opens (so the connection can
+                        // report this message) but refuses every lock.
+                        crate::log_error(ffi::SQLITE_CANTOPEN, &e.to_string());
+                        Err(e.to_string())
+                    }
+                };
+                (Some(lp), lock)
+            } else {
+                (None, Ok(None))
+            };
+            let version = im(f).iVersion.clamp(1, 3);
+            (*sf).state = Box::into_raw(Box::new(FileState {
+                lock_path,
+                lock,
+            }));
+            (*sf).base.pMethods = &METHODS[(version - 1) as usize];
+            ffi::SQLITE_OK
+        }
+    })
+}
+
+unsafe extern "C" fn v_delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync: c_int) -> c_int {
+    // SAFETY: delegation to the inner VFS.
+    guard(ffi::SQLITE_IOERR_DELETE, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xDelete.map_or(ffi::SQLITE_IOERR_DELETE, |m| m(iv, name, sync))
+    })
+}
+
+unsafe extern "C" fn v_access(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, flags: c_int, out: *mut c_int) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_IOERR_ACCESS, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xAccess.map_or(ffi::SQLITE_IOERR_ACCESS, |m| m(iv, name, flags, out))
+    })
+}
+
+unsafe extern "C" fn v_full_pathname(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, n: c_int, out: *mut c_char) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_CANTOPEN_FULLPATH, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xFullPathname.map_or(ffi::SQLITE_CANTOPEN, |m| m(iv, name, n, out))
+    })
+}
+
+unsafe extern "C" fn v_dlopen(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *mut c_void {
+    // SAFETY: delegation.
+    guard(ptr::null_mut(), || unsafe {
+        let iv = ivfs(vfs);
+        iv.xDlOpen.map_or(ptr::null_mut(), |m| m(iv, name))
+    })
+}
+
+unsafe extern "C" fn v_dlerror(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) {
+    // SAFETY: delegation.
+    guard((), || unsafe {
+        let iv = ivfs(vfs);
+        if let Some(m) = iv.xDlError {
+            m(iv, n, out)
+        }
+    })
+}
+
+/// What the bindings call xDlSym's return type (an opaque function pointer).
+type DlSymbol = Option<unsafe extern "C" fn(*mut ffi::sqlite3_vfs, *mut c_void, *const c_char)>;
+
+unsafe extern "C" fn v_dlsym(vfs: *mut ffi::sqlite3_vfs, h: *mut c_void, sym: *const c_char) -> DlSymbol {
+    // SAFETY: delegation.
+    guard(None, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xDlSym.and_then(|m| m(iv, h, sym))
+    })
+}
+
+unsafe extern "C" fn v_dlclose(vfs: *mut ffi::sqlite3_vfs, h: *mut c_void) {
+    // SAFETY: delegation.
+    guard((), || unsafe {
+        let iv = ivfs(vfs);
+        if let Some(m) = iv.xDlClose {
+            m(iv, h)
+        }
+    })
+}
+
+unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+    // SAFETY: delegation.
+    guard(0, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xRandomness.map_or(0, |m| m(iv, n, out))
+    })
+}
+
+unsafe extern "C" fn v_sleep(vfs: *mut ffi::sqlite3_vfs, us: c_int) -> c_int {
+    // SAFETY: delegation.
+    guard(0, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xSleep.map_or(0, |m| m(iv, us))
+    })
+}
+
+unsafe extern "C" fn v_current_time(vfs: *mut ffi::sqlite3_vfs, out: *mut f64) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_ERROR, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xCurrentTime.map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
+    })
+}
+
+unsafe extern "C" fn v_get_last_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+    // SAFETY: delegation.
+    guard(0, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xGetLastError.map_or(0, |m| m(iv, n, out))
+    })
+}
+
+unsafe extern "C" fn v_current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut i64) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_ERROR, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xCurrentTimeInt64.map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
+    })
+}
+
+unsafe extern "C" fn v_set_system_call(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    p: ffi::sqlite3_syscall_ptr,
+) -> c_int {
+    // SAFETY: delegation.
+    guard(ffi::SQLITE_ERROR, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xSetSystemCall.map_or(ffi::SQLITE_NOTFOUND, |m| m(iv, name, p))
+    })
+}
+
+unsafe extern "C" fn v_get_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> ffi::sqlite3_syscall_ptr {
+    // SAFETY: delegation.
+    guard(None, || unsafe {
+        let iv = ivfs(vfs);
+        iv.xGetSystemCall.and_then(|m| m(iv, name))
+    })
+}
+
+unsafe extern "C" fn v_next_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *const c_char {
+    // SAFETY: delegation.
+    guard(ptr::null(), || unsafe {
+        let iv = ivfs(vfs);
+        iv.xNextSystemCall.map_or(ptr::null(), |m| m(iv, name))
+    })
+}
+
+/// The outcome of the one registration per process.
+static REGISTERED: OnceLock<Result<(), c_int>> = OnceLock::new();
+
+/// Register VFS `writelock` over the current default VFS and make it the
+/// default. Idempotent: later calls return the first result and never wrap
+/// `writelock` in itself.
+pub(crate) fn register_vfs() -> Result<(), c_int> {
+    REGISTERED
+        .get_or_init(|| {
+            // SAFETY: plain SQLite API calls; the struct we register is leaked
+            // and so outlives every connection.
+            unsafe {
+                let existing = ffi::sqlite3_vfs_find(VFS_NAME.as_ptr());
+                if !existing.is_null() {
+                    // Someone (another copy of this library, say) got here first.
+                    return Ok(());
+                }
+                let base = ffi::sqlite3_vfs_find(ptr::null());
+                if base.is_null() {
+                    return Err(ffi::SQLITE_ERROR);
+                }
+                let b = &*base;
+                let v = Box::leak(Box::new(ffi::sqlite3_vfs {
+                    iVersion: b.iVersion.min(3),
+                    szOsFile: (INNER_OFFSET as c_int) + b.szOsFile,
+                    mxPathname: b.mxPathname,
+                    pNext: ptr::null_mut(),
+                    zName: VFS_NAME.as_ptr(),
+                    pAppData: base as *mut c_void,
+                    xOpen: Some(v_open),
+                    xDelete: Some(v_delete),
+                    xAccess: Some(v_access),
+                    xFullPathname: Some(v_full_pathname),
+                    xDlOpen: Some(v_dlopen),
+                    xDlError: Some(v_dlerror),
+                    xDlSym: Some(v_dlsym),
+                    xDlClose: Some(v_dlclose),
+                    xRandomness: Some(v_randomness),
+                    xSleep: Some(v_sleep),
+                    xCurrentTime: Some(v_current_time),
+                    xGetLastError: Some(v_get_last_error),
+                    xCurrentTimeInt64: Some(v_current_time_int64),
+                    xSetSystemCall: Some(v_set_system_call),
+                    xGetSystemCall: Some(v_get_system_call),
+                    xNextSystemCall: Some(v_next_system_call),
+                }));
+                let rc = ffi::sqlite3_vfs_register(v, 1);
+                if rc != ffi::SQLITE_OK {
+                    return Err(rc);
+                }
+                Ok(())
+            }
+        })
+        .clone()
+}
+
+/// The path shown for a database in reports.
+pub(crate) fn display_path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

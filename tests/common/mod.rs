@@ -1,1 +1,203 @@
+//! Shared helpers for the end-to-end tests: where the built extension is, how
+//! to open connections with and without it, and how to drive real processes.
+//!
+//! The extension is loaded at run time from `target/release/libwritelock.so`
+//! (`make` builds it; `WRITELOCK_SO` overrides), never linked.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::sync::OnceLock;
+
+use rusqlite::{Connection, OpenFlags};
+
+/// The built extension (`WRITELOCK_SO` overrides the default path).
+pub fn so_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("WRITELOCK_SO") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libwritelock.so");
+    assert!(p.exists(), "{} is missing: run `make` first", p.display());
+    p.canonicalize().unwrap()
+}
+
+/// Load the extension into this process's (bundled) SQLite, once. From then on
+/// `writelock` is the default VFS for connections opened here.
+pub fn load_extension() {
+    static LOADED: OnceLock<()> = OnceLock::new();
+    LOADED.get_or_init(|| {
+        let c = Connection::open_in_memory().unwrap();
+        // SAFETY: loading our own extension, built from this repository.
+        unsafe {
+            c.load_extension_enable().unwrap();
+            c.load_extension(so_path(), None::<&str>).unwrap();
+            c.load_extension_disable().unwrap();
+        }
+    });
+}
+
+/// With or without the extension, for tests that show the difference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The plain `unix` VFS: stock SQLite.
+    Stock,
+    /// VFS `writelock` (loads the extension if needed).
+    Writelock,
+}
+
+impl Mode {
+    /// Both modes, extension first.
+    pub const BOTH: [Mode; 2] = [Mode::Writelock, Mode::Stock];
+
+    /// The VFS name to open with.
+    pub fn vfs(self) -> &'static str {
+        match self {
+            Mode::Stock => "unix",
+            Mode::Writelock => "writelock",
+        }
+    }
+}
+
+/// Open `path` read-write (creating it) in `mode`, with `busy_timeout` 0.
+pub fn open(path: &Path, mode: Mode) -> Connection {
+    load_extension();
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI;
+    let c = Connection::open_with_flags_and_vfs(path, flags, mode.vfs()).unwrap();
+    c.busy_timeout(std::time::Duration::ZERO).unwrap();
+    c
+}
+
+/// `<db>.lock` for a database path.
+pub fn lock_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// Whether `flock -n <db>.lock true` (util-linux flock(1), a separate process)
+/// gets the lock right now.
+pub fn outside_flock_free(db: &Path) -> bool {
+    let st = Command::new("flock")
+        .arg("-n")
+        .arg(lock_path(db))
+        .arg("true")
+        .status()
+        .expect("flock(1) from util-linux is needed");
+    st.success()
+}
+
+/// A `flock(1)` process holding `LOCK_EX` on a file until [`FlockHolder::release`].
+pub struct FlockHolder {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl FlockHolder {
+    /// Start `flock -x FILE sh -c 'echo held; read _ || true'` and wait for "held".
+    pub fn hold(file: &Path) -> FlockHolder {
+        let mut child = Command::new("flock")
+            .arg("-x")
+            .arg(file)
+            .args(["sh", "-c", "echo held; read _ || true"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("flock(1) from util-linux is needed");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held");
+        let stdin = child.stdin.take();
+        FlockHolder { child, stdin }
+    }
+
+    /// Let go: the child reads a line and exits, and the kernel drops the lock.
+    pub fn release(mut self) {
+        drop(self.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+impl Drop for FlockHolder {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A `sqlite3` shell process (the system's) driven line by line: each
+/// [`Shell::run`] sends SQL and waits for a marker, so tests synchronise on
+/// real output, never on sleeps.
+pub struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<std::io::PipeReader>,
+    marker: u64,
+}
+
+impl Shell {
+    /// Start `sqlite3` on `db`; with the extension `.load`ed first when `mode`
+    /// is [`Mode::Writelock`]. stdout and stderr share one pipe, so `run`
+    /// returns errors in order with results.
+    pub fn start(db: &Path, mode: Mode) -> Shell {
+        let mut cmd = Command::new("sqlite3");
+        cmd.arg("-batch").arg("-noheader").arg("-list");
+        if mode == Mode::Writelock {
+            cmd.arg("-cmd").arg(format!(".load {}", so_path().display()));
+        }
+        cmd.arg("-cmd").arg(format!(".open {}", db.display()));
+        let (r, w) = std::io::pipe().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(w.try_clone().unwrap())
+            .stderr(w)
+            .spawn()
+            .expect("the sqlite3 shell is needed (apt-get install sqlite3)");
+        drop(cmd);
+        let stdin = child.stdin.take().unwrap();
+        Shell { child, stdin, stdout: BufReader::new(r), marker: 0 }
+    }
+
+    fn send(&mut self, s: &str) {
+        self.stdin.write_all(s.as_bytes()).unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Run `sql` (one or more statements) and return what it printed, errors
+    /// included (the shell prints them as `…Error…` lines).
+    pub fn run(&mut self, sql: &str) -> String {
+        self.marker += 1;
+        let m = format!("--done-{}--", self.marker);
+        self.send(&format!("{sql}\n.print {m}\n"));
+        let mut out = String::new();
+        loop {
+            let mut line = String::new();
+            if self.stdout.read_line(&mut line).unwrap() == 0 {
+                panic!("sqlite3 exited; output so far: {out}");
+            }
+            if line.trim_end() == m {
+                break;
+            }
+            out.push_str(&line);
+        }
+        out
+    }
+
+    /// SIGKILL the shell mid-whatever and reap it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Quit and wait for the process.
+    pub fn finish(mut self) {
+        self.send(".quit\n");
+        assert!(self.child.wait().unwrap().code().is_some());
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("writelock-test").tempdir().unwrap()
+}

@@ -26,5 +26,11 @@ unit:
 e2e: build
 	$(CARGO) test --release -p writelock-tests
 
+# Formatting and clippy, as CI runs them.
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --lib -- -D warnings
+	$(CARGO) clippy --release -p writelock-tests --tests -- -D warnings
+
 clean:
 	$(CARGO) clean

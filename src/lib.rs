@@ -56,7 +56,11 @@ pub struct RegisterError(pub c_int);
 
 impl std::fmt::Display for RegisterError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "writelock: registering the VFS failed with SQLite code {}", self.0)
+        write!(
+            f,
+            "writelock: registering the VFS failed with SQLite code {}",
+            self.0
+        )
     }
 }
 impl std::error::Error for RegisterError {}
@@ -69,13 +73,17 @@ impl std::error::Error for RegisterError {}
 /// call are not protected.
 pub fn register() -> Result<(), RegisterError> {
     vfs::register_vfs().map_err(RegisterError)?;
-    type AutoInit =
-        unsafe extern "C" fn(*mut ffi::sqlite3, *mut *mut c_char, *const ffi::sqlite3_api_routines) -> c_int;
+    type AutoInit = unsafe extern "C" fn(
+        *mut ffi::sqlite3,
+        *mut *mut c_char,
+        *const ffi::sqlite3_api_routines,
+    ) -> c_int;
     // SAFETY: sqlite3_auto_extension takes `void(*)(void)` and calls it with
     // the extension-entry signature that `auto_init` has; SQLite ignores a
     // second registration of the same pointer.
     let rc = unsafe {
-        let f: unsafe extern "C" fn() = std::mem::transmute::<AutoInit, unsafe extern "C" fn()>(sql::auto_init);
+        let f: unsafe extern "C" fn() =
+            std::mem::transmute::<AutoInit, unsafe extern "C" fn()>(sql::auto_init);
         ffi::sqlite3_auto_extension(Some(f))
     };
     if rc != ffi::SQLITE_OK {
@@ -93,7 +101,11 @@ static HOST_API: OnceLock<usize> = OnceLock::new();
 /// # Safety
 /// `api` is the routines table SQLite passed to the entry point.
 #[cfg(feature = "loadable_extension")]
-unsafe fn init_error(api: *const ffi::sqlite3_api_routines, err: *mut *mut c_char, msg: &str) -> c_int {
+unsafe fn init_error(
+    api: *const ffi::sqlite3_api_routines,
+    err: *mut *mut c_char,
+    msg: &str,
+) -> c_int {
     if !err.is_null() {
         if let Some(mprintf) = (*api).mprintf {
             let c = std::ffi::CString::new(msg).unwrap_or_default();

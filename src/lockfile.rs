@@ -12,8 +12,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::libc;
 use nix::fcntl::{Flock, FlockArg};
+use nix::libc;
 use nix::unistd::Pid;
 
 /// Why `<db>.lock` cannot serve as the writer lock. Every variant names the path.
@@ -28,7 +28,11 @@ pub enum LockError {
     /// The handle was opened in another process (before a `fork()`): its lock
     /// descriptor is shared with the parent, so acting on it would act on the
     /// parent's lock.
-    Forked { path: PathBuf, opened_in: i32, used_in: i32 },
+    Forked {
+        path: PathBuf,
+        opened_in: i32,
+        used_in: i32,
+    },
 }
 
 impl LockError {
@@ -303,7 +307,10 @@ mod tests {
         assert!(b.try_lock().unwrap());
         drop(b);
         assert!(a.try_lock().unwrap());
-        assert!(lock_path_for(&db).exists(), "the lock file is never deleted");
+        assert!(
+            lock_path_for(&db).exists(),
+            "the lock file is never deleted"
+        );
     }
 
     #[test]

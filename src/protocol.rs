@@ -477,8 +477,20 @@ mod tests {
     #[test]
     fn check_reserved_reports_other_holder() {
         let mut h = p();
-        assert_eq!(h.check_reserved(|r| { *r = 0; SQLITE_OK }), (SQLITE_OK, 0));
+        assert_eq!(
+            h.check_reserved(|r| {
+                *r = 0;
+                SQLITE_OK
+            }),
+            (SQLITE_OK, 0)
+        );
         h.flock.contended = true;
-        assert_eq!(h.check_reserved(|r| { *r = 0; SQLITE_OK }), (SQLITE_OK, 1));
+        assert_eq!(
+            h.check_reserved(|r| {
+                *r = 0;
+                SQLITE_OK
+            }),
+            (SQLITE_OK, 1)
+        );
     }
 }

@@ -26,7 +26,11 @@ fn result_text(ctx: *mut ffi::sqlite3_context, s: &str) {
     }
 }
 
-unsafe extern "C" fn fn_version(ctx: *mut ffi::sqlite3_context, _n: c_int, _v: *mut *mut ffi::sqlite3_value) {
+unsafe extern "C" fn fn_version(
+    ctx: *mut ffi::sqlite3_context,
+    _n: c_int,
+    _v: *mut *mut ffi::sqlite3_value,
+) {
     if std::panic::catch_unwind(|| result_text(ctx, VERSION)).is_err() {
         // SAFETY: `ctx` is live; the message is a static C string.
         unsafe { ffi::sqlite3_result_error(ctx, c"writelock: internal error".as_ptr(), -1) }
@@ -67,8 +71,17 @@ unsafe fn database_list(db: *mut ffi::sqlite3) -> Vec<(CString, String)> {
 /// `db` is live; `schema` names one of its databases.
 unsafe fn file_of(db: *mut ffi::sqlite3, schema: &CStr) -> *mut ffi::sqlite3_file {
     let mut f: *mut ffi::sqlite3_file = ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(db, schema.as_ptr(), ffi::SQLITE_FCNTL_FILE_POINTER, &mut f as *mut _ as *mut c_void);
-    if rc == ffi::SQLITE_OK { f } else { ptr::null_mut() }
+    let rc = ffi::sqlite3_file_control(
+        db,
+        schema.as_ptr(),
+        ffi::SQLITE_FCNTL_FILE_POINTER,
+        &mut f as *mut _ as *mut c_void,
+    );
+    if rc == ffi::SQLITE_OK {
+        f
+    } else {
+        ptr::null_mut()
+    }
 }
 
 /// The name of the VFS `schema` was opened with.
@@ -77,7 +90,12 @@ unsafe fn file_of(db: *mut ffi::sqlite3, schema: &CStr) -> *mut ffi::sqlite3_fil
 /// As [`file_of`].
 unsafe fn vfs_of(db: *mut ffi::sqlite3, schema: &CStr) -> Option<String> {
     let mut v: *mut ffi::sqlite3_vfs = ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(db, schema.as_ptr(), ffi::SQLITE_FCNTL_VFS_POINTER, &mut v as *mut _ as *mut c_void);
+    let rc = ffi::sqlite3_file_control(
+        db,
+        schema.as_ptr(),
+        ffi::SQLITE_FCNTL_VFS_POINTER,
+        &mut v as *mut _ as *mut c_void,
+    );
     if rc != ffi::SQLITE_OK || v.is_null() || (*v).zName.is_null() {
         return None;
     }
@@ -100,8 +118,14 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
         let o = entry.as_object_mut().expect("object literal");
         match vfs::report(file_of(db, &schema)) {
             Some(r) => {
-                o.insert("protected".into(), json!(r.lock_path.is_some() && r.error.is_none()));
-                o.insert("lock_file".into(), json!(r.lock_path.as_deref().map(vfs::display_path)));
+                o.insert(
+                    "protected".into(),
+                    json!(r.lock_path.is_some() && r.error.is_none()),
+                );
+                o.insert(
+                    "lock_file".into(),
+                    json!(r.lock_path.as_deref().map(vfs::display_path)),
+                );
                 o.insert("holding".into(), json!(r.holding));
                 o.insert("error".into(), json!(r.error));
                 o.insert("acquisitions".into(), json!(r.counters.acquisitions));
@@ -127,7 +151,11 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
     })
 }
 
-unsafe extern "C" fn fn_status(ctx: *mut ffi::sqlite3_context, _n: c_int, _v: *mut *mut ffi::sqlite3_value) {
+unsafe extern "C" fn fn_status(
+    ctx: *mut ffi::sqlite3_context,
+    _n: c_int,
+    _v: *mut *mut ffi::sqlite3_value,
+) {
     let r = std::panic::catch_unwind(|| {
         // SAFETY: SQLite calls us inside a statement of this live connection.
         let doc = unsafe { status(ffi::sqlite3_context_db_handle(ctx)) };

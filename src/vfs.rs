@@ -145,29 +145,49 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
     })
 }
 
-unsafe extern "C" fn x_read(f: *mut ffi::sqlite3_file, buf: *mut c_void, n: c_int, off: i64) -> c_int {
+unsafe extern "C" fn x_read(
+    f: *mut ffi::sqlite3_file,
+    buf: *mut c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
     // SAFETY: delegation with SQLite's own arguments to the inner file.
-    guard(ffi::SQLITE_IOERR_READ, || unsafe { inner_call!(f, xRead, buf, n, off) })
+    guard(ffi::SQLITE_IOERR_READ, || unsafe {
+        inner_call!(f, xRead, buf, n, off)
+    })
 }
 
-unsafe extern "C" fn x_write(f: *mut ffi::sqlite3_file, buf: *const c_void, n: c_int, off: i64) -> c_int {
+unsafe extern "C" fn x_write(
+    f: *mut ffi::sqlite3_file,
+    buf: *const c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
     // SAFETY: delegation with SQLite's own arguments to the inner file.
-    guard(ffi::SQLITE_IOERR_WRITE, || unsafe { inner_call!(f, xWrite, buf, n, off) })
+    guard(ffi::SQLITE_IOERR_WRITE, || unsafe {
+        inner_call!(f, xWrite, buf, n, off)
+    })
 }
 
 unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
     // SAFETY: delegation.
-    guard(ffi::SQLITE_IOERR_TRUNCATE, || unsafe { inner_call!(f, xTruncate, size) })
+    guard(ffi::SQLITE_IOERR_TRUNCATE, || unsafe {
+        inner_call!(f, xTruncate, size)
+    })
 }
 
 unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     // SAFETY: delegation.
-    guard(ffi::SQLITE_IOERR_FSYNC, || unsafe { inner_call!(f, xSync, flags) })
+    guard(ffi::SQLITE_IOERR_FSYNC, || unsafe {
+        inner_call!(f, xSync, flags)
+    })
 }
 
 unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
     // SAFETY: delegation; `out` is SQLite's.
-    guard(ffi::SQLITE_IOERR_FSTAT, || unsafe { inner_call!(f, xFileSize, out) })
+    guard(ffi::SQLITE_IOERR_FSTAT, || unsafe {
+        inner_call!(f, xFileSize, out)
+    })
 }
 
 unsafe extern "C" fn x_lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
@@ -213,9 +233,15 @@ unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut 
     })
 }
 
-unsafe extern "C" fn x_file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
+unsafe extern "C" fn x_file_control(
+    f: *mut ffi::sqlite3_file,
+    op: c_int,
+    arg: *mut c_void,
+) -> c_int {
     // SAFETY: delegation.
-    guard(ffi::SQLITE_IOERR, || unsafe { inner_call!(f, xFileControl, op, arg) })
+    guard(ffi::SQLITE_IOERR, || unsafe {
+        inner_call!(f, xFileControl, op, arg)
+    })
 }
 
 unsafe extern "C" fn x_sector_size(f: *mut ffi::sqlite3_file) -> c_int {
@@ -246,10 +272,17 @@ unsafe extern "C" fn x_shm_map(
     pp: *mut *mut c_void,
 ) -> c_int {
     // SAFETY: delegation (only in tables of iVersion >= 2, like the inner's).
-    guard(ffi::SQLITE_IOERR_SHMMAP, || unsafe { inner_call!(f, xShmMap, pg, pgsz, extend, pp) })
+    guard(ffi::SQLITE_IOERR_SHMMAP, || unsafe {
+        inner_call!(f, xShmMap, pg, pgsz, extend, pp)
+    })
 }
 
-unsafe extern "C" fn x_shm_lock(f: *mut ffi::sqlite3_file, ofst: c_int, n: c_int, flags: c_int) -> c_int {
+unsafe extern "C" fn x_shm_lock(
+    f: *mut ffi::sqlite3_file,
+    ofst: c_int,
+    n: c_int,
+    flags: c_int,
+) -> c_int {
     guard(ffi::SQLITE_IOERR_SHMLOCK, || {
         // SAFETY: our file; the closures only delegate.
         unsafe {
@@ -284,14 +317,23 @@ unsafe extern "C" fn x_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_
     })
 }
 
-unsafe extern "C" fn x_fetch(f: *mut ffi::sqlite3_file, off: i64, n: c_int, pp: *mut *mut c_void) -> c_int {
+unsafe extern "C" fn x_fetch(
+    f: *mut ffi::sqlite3_file,
+    off: i64,
+    n: c_int,
+    pp: *mut *mut c_void,
+) -> c_int {
     // SAFETY: delegation (only in tables of iVersion 3, like the inner's).
-    guard(ffi::SQLITE_IOERR_READ, || unsafe { inner_call!(f, xFetch, off, n, pp) })
+    guard(ffi::SQLITE_IOERR_READ, || unsafe {
+        inner_call!(f, xFetch, off, n, pp)
+    })
 }
 
 unsafe extern "C" fn x_unfetch(f: *mut ffi::sqlite3_file, off: i64, p: *mut c_void) -> c_int {
     // SAFETY: delegation.
-    guard(ffi::SQLITE_IOERR_READ, || unsafe { inner_call!(f, xUnfetch, off, p) })
+    guard(ffi::SQLITE_IOERR_READ, || unsafe {
+        inner_call!(f, xUnfetch, off, p)
+    })
 }
 
 const fn methods(version: c_int) -> ffi::sqlite3_io_methods {
@@ -311,8 +353,16 @@ const fn methods(version: c_int) -> ffi::sqlite3_io_methods {
         xDeviceCharacteristics: Some(x_device_characteristics),
         xShmMap: if version >= 2 { Some(x_shm_map) } else { None },
         xShmLock: if version >= 2 { Some(x_shm_lock) } else { None },
-        xShmBarrier: if version >= 2 { Some(x_shm_barrier) } else { None },
-        xShmUnmap: if version >= 2 { Some(x_shm_unmap) } else { None },
+        xShmBarrier: if version >= 2 {
+            Some(x_shm_barrier)
+        } else {
+            None
+        },
+        xShmUnmap: if version >= 2 {
+            Some(x_shm_unmap)
+        } else {
+            None
+        },
         xFetch: if version >= 3 { Some(x_fetch) } else { None },
         xUnfetch: if version >= 3 { Some(x_unfetch) } else { None },
     }
@@ -387,7 +437,9 @@ unsafe extern "C" fn v_open(
         // VFS, name (or NULL) and out-flags pointer (or NULL).
         unsafe {
             let iv = ivfs(vfs);
-            let Some(open) = iv.xOpen else { return ffi::SQLITE_CANTOPEN };
+            let Some(open) = iv.xOpen else {
+                return ffi::SQLITE_CANTOPEN;
+            };
             if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
                 // Journals, WAL, temp files: the outer buffer becomes the inner file.
                 return open(iv, name, f, flags, out_flags);
@@ -429,37 +481,51 @@ unsafe extern "C" fn v_open(
                 (None, Ok(None))
             };
             let version = im(f).iVersion.clamp(1, 3);
-            (*sf).state = Box::into_raw(Box::new(FileState {
-                lock_path,
-                lock,
-            }));
+            (*sf).state = Box::into_raw(Box::new(FileState { lock_path, lock }));
             (*sf).base.pMethods = &METHODS[(version - 1) as usize];
             ffi::SQLITE_OK
         }
     })
 }
 
-unsafe extern "C" fn v_delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync: c_int) -> c_int {
+unsafe extern "C" fn v_delete(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    sync: c_int,
+) -> c_int {
     // SAFETY: delegation to the inner VFS.
     guard(ffi::SQLITE_IOERR_DELETE, || unsafe {
         let iv = ivfs(vfs);
-        iv.xDelete.map_or(ffi::SQLITE_IOERR_DELETE, |m| m(iv, name, sync))
+        iv.xDelete
+            .map_or(ffi::SQLITE_IOERR_DELETE, |m| m(iv, name, sync))
     })
 }
 
-unsafe extern "C" fn v_access(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, flags: c_int, out: *mut c_int) -> c_int {
+unsafe extern "C" fn v_access(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    flags: c_int,
+    out: *mut c_int,
+) -> c_int {
     // SAFETY: delegation.
     guard(ffi::SQLITE_IOERR_ACCESS, || unsafe {
         let iv = ivfs(vfs);
-        iv.xAccess.map_or(ffi::SQLITE_IOERR_ACCESS, |m| m(iv, name, flags, out))
+        iv.xAccess
+            .map_or(ffi::SQLITE_IOERR_ACCESS, |m| m(iv, name, flags, out))
     })
 }
 
-unsafe extern "C" fn v_full_pathname(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, n: c_int, out: *mut c_char) -> c_int {
+unsafe extern "C" fn v_full_pathname(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+    n: c_int,
+    out: *mut c_char,
+) -> c_int {
     // SAFETY: delegation.
     guard(ffi::SQLITE_CANTOPEN_FULLPATH, || unsafe {
         let iv = ivfs(vfs);
-        iv.xFullPathname.map_or(ffi::SQLITE_CANTOPEN, |m| m(iv, name, n, out))
+        iv.xFullPathname
+            .map_or(ffi::SQLITE_CANTOPEN, |m| m(iv, name, n, out))
     })
 }
 
@@ -484,7 +550,11 @@ unsafe extern "C" fn v_dlerror(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c
 /// What the bindings call xDlSym's return type (an opaque function pointer).
 type DlSymbol = Option<unsafe extern "C" fn(*mut ffi::sqlite3_vfs, *mut c_void, *const c_char)>;
 
-unsafe extern "C" fn v_dlsym(vfs: *mut ffi::sqlite3_vfs, h: *mut c_void, sym: *const c_char) -> DlSymbol {
+unsafe extern "C" fn v_dlsym(
+    vfs: *mut ffi::sqlite3_vfs,
+    h: *mut c_void,
+    sym: *const c_char,
+) -> DlSymbol {
     // SAFETY: delegation.
     guard(None, || unsafe {
         let iv = ivfs(vfs);
@@ -526,7 +596,11 @@ unsafe extern "C" fn v_current_time(vfs: *mut ffi::sqlite3_vfs, out: *mut f64) -
     })
 }
 
-unsafe extern "C" fn v_get_last_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+unsafe extern "C" fn v_get_last_error(
+    vfs: *mut ffi::sqlite3_vfs,
+    n: c_int,
+    out: *mut c_char,
+) -> c_int {
     // SAFETY: delegation.
     guard(0, || unsafe {
         let iv = ivfs(vfs);
@@ -538,7 +612,8 @@ unsafe extern "C" fn v_current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut 
     // SAFETY: delegation.
     guard(ffi::SQLITE_ERROR, || unsafe {
         let iv = ivfs(vfs);
-        iv.xCurrentTimeInt64.map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
+        iv.xCurrentTimeInt64
+            .map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
     })
 }
 
@@ -550,11 +625,15 @@ unsafe extern "C" fn v_set_system_call(
     // SAFETY: delegation.
     guard(ffi::SQLITE_ERROR, || unsafe {
         let iv = ivfs(vfs);
-        iv.xSetSystemCall.map_or(ffi::SQLITE_NOTFOUND, |m| m(iv, name, p))
+        iv.xSetSystemCall
+            .map_or(ffi::SQLITE_NOTFOUND, |m| m(iv, name, p))
     })
 }
 
-unsafe extern "C" fn v_get_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> ffi::sqlite3_syscall_ptr {
+unsafe extern "C" fn v_get_system_call(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+) -> ffi::sqlite3_syscall_ptr {
     // SAFETY: delegation.
     guard(None, || unsafe {
         let iv = ivfs(vfs);
@@ -562,7 +641,10 @@ unsafe extern "C" fn v_get_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const 
     })
 }
 
-unsafe extern "C" fn v_next_system_call(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *const c_char {
+unsafe extern "C" fn v_next_system_call(
+    vfs: *mut ffi::sqlite3_vfs,
+    name: *const c_char,
+) -> *const c_char {
     // SAFETY: delegation.
     guard(ptr::null(), || unsafe {
         let iv = ivfs(vfs);
@@ -577,53 +659,51 @@ static REGISTERED: OnceLock<Result<(), c_int>> = OnceLock::new();
 /// default. Idempotent: later calls return the first result and never wrap
 /// `writelock` in itself.
 pub(crate) fn register_vfs() -> Result<(), c_int> {
-    REGISTERED
-        .get_or_init(|| {
-            // SAFETY: plain SQLite API calls; the struct we register is leaked
-            // and so outlives every connection.
-            unsafe {
-                let existing = ffi::sqlite3_vfs_find(VFS_NAME.as_ptr());
-                if !existing.is_null() {
-                    // Someone (another copy of this library, say) got here first.
-                    return Ok(());
-                }
-                let base = ffi::sqlite3_vfs_find(ptr::null());
-                if base.is_null() {
-                    return Err(ffi::SQLITE_ERROR);
-                }
-                let b = &*base;
-                let v = Box::leak(Box::new(ffi::sqlite3_vfs {
-                    iVersion: b.iVersion.min(3),
-                    szOsFile: (INNER_OFFSET as c_int) + b.szOsFile,
-                    mxPathname: b.mxPathname,
-                    pNext: ptr::null_mut(),
-                    zName: VFS_NAME.as_ptr(),
-                    pAppData: base as *mut c_void,
-                    xOpen: Some(v_open),
-                    xDelete: Some(v_delete),
-                    xAccess: Some(v_access),
-                    xFullPathname: Some(v_full_pathname),
-                    xDlOpen: Some(v_dlopen),
-                    xDlError: Some(v_dlerror),
-                    xDlSym: Some(v_dlsym),
-                    xDlClose: Some(v_dlclose),
-                    xRandomness: Some(v_randomness),
-                    xSleep: Some(v_sleep),
-                    xCurrentTime: Some(v_current_time),
-                    xGetLastError: Some(v_get_last_error),
-                    xCurrentTimeInt64: Some(v_current_time_int64),
-                    xSetSystemCall: Some(v_set_system_call),
-                    xGetSystemCall: Some(v_get_system_call),
-                    xNextSystemCall: Some(v_next_system_call),
-                }));
-                let rc = ffi::sqlite3_vfs_register(v, 1);
-                if rc != ffi::SQLITE_OK {
-                    return Err(rc);
-                }
-                Ok(())
+    *REGISTERED.get_or_init(|| {
+        // SAFETY: plain SQLite API calls; the struct we register is leaked
+        // and so outlives every connection.
+        unsafe {
+            let existing = ffi::sqlite3_vfs_find(VFS_NAME.as_ptr());
+            if !existing.is_null() {
+                // Someone (another copy of this library, say) got here first.
+                return Ok(());
             }
-        })
-        .clone()
+            let base = ffi::sqlite3_vfs_find(ptr::null());
+            if base.is_null() {
+                return Err(ffi::SQLITE_ERROR);
+            }
+            let b = &*base;
+            let v = Box::leak(Box::new(ffi::sqlite3_vfs {
+                iVersion: b.iVersion.min(3),
+                szOsFile: (INNER_OFFSET as c_int) + b.szOsFile,
+                mxPathname: b.mxPathname,
+                pNext: ptr::null_mut(),
+                zName: VFS_NAME.as_ptr(),
+                pAppData: base as *mut c_void,
+                xOpen: Some(v_open),
+                xDelete: Some(v_delete),
+                xAccess: Some(v_access),
+                xFullPathname: Some(v_full_pathname),
+                xDlOpen: Some(v_dlopen),
+                xDlError: Some(v_dlerror),
+                xDlSym: Some(v_dlsym),
+                xDlClose: Some(v_dlclose),
+                xRandomness: Some(v_randomness),
+                xSleep: Some(v_sleep),
+                xCurrentTime: Some(v_current_time),
+                xGetLastError: Some(v_get_last_error),
+                xCurrentTimeInt64: Some(v_current_time_int64),
+                xSetSystemCall: Some(v_set_system_call),
+                xGetSystemCall: Some(v_get_system_call),
+                xNextSystemCall: Some(v_next_system_call),
+            }));
+            let rc = ffi::sqlite3_vfs_register(v, 1);
+            if rc != ffi::SQLITE_OK {
+                return Err(rc);
+            }
+            Ok(())
+        }
+    })
 }
 
 /// The path shown for a database in reports.

@@ -22,7 +22,8 @@ fn create_db(db: &Path, journal: &str) {
 
 fn count(db: &Path) -> i64 {
     let c = open(db, Mode::Stock);
-    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap()
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap()
 }
 
 /// During a write transaction an outside `flock -n <db>.lock` fails; after
@@ -30,27 +31,41 @@ fn count(db: &Path) -> i64 {
 #[test]
 fn write_transaction_holds_lock_file() {
     for journal in JOURNAL_MODES {
-        for begin in ["BEGIN IMMEDIATE;", "BEGIN DEFERRED; SELECT count(*) FROM t;"] {
+        for begin in [
+            "BEGIN IMMEDIATE;",
+            "BEGIN DEFERRED; SELECT count(*) FROM t;",
+        ] {
             for mode in Mode::BOTH {
                 let dir = tempdir();
                 let db = dir.path().join("app.db");
                 create_db(&db, journal);
                 std::fs::File::create(lock_path(&db)).unwrap();
                 let mut sh = Shell::start(&db, mode);
-                assert!(outside_flock_free(&db), "nothing held before the transaction");
+                assert!(
+                    outside_flock_free(&db),
+                    "nothing held before the transaction"
+                );
                 sh.run(begin);
                 if begin.starts_with("BEGIN DEFERRED") {
-                    assert!(outside_flock_free(&db), "{journal} {mode:?}: a read is not a write");
+                    assert!(
+                        outside_flock_free(&db),
+                        "{journal} {mode:?}: a read is not a write"
+                    );
                 }
                 let out = sh.run("INSERT INTO t VALUES (1);");
                 assert_eq!(out, "", "{journal} {mode:?}");
                 let free = outside_flock_free(&db);
                 match mode {
-                    Mode::Writelock => assert!(!free, "{journal} {begin}: writer must hold <db>.lock"),
+                    Mode::Writelock => {
+                        assert!(!free, "{journal} {begin}: writer must hold <db>.lock")
+                    }
                     Mode::Stock => assert!(free, "stock SQLite does not lock <db>.lock"),
                 }
                 sh.run("COMMIT;");
-                assert!(outside_flock_free(&db), "{journal} {mode:?}: released after COMMIT");
+                assert!(
+                    outside_flock_free(&db),
+                    "{journal} {mode:?}: released after COMMIT"
+                );
                 sh.finish();
                 assert_eq!(count(&db), 2);
             }
@@ -70,20 +85,31 @@ fn outside_holder_blocks_writers_not_readers() {
             let mut sh = Shell::start(&db, mode);
             sh.run(".timeout 300");
             let holder = FlockHolder::hold(&lock_path(&db));
-            assert_eq!(sh.run("SELECT count(*) FROM t;").trim(), "1", "{journal} {mode:?}: reads work");
+            assert_eq!(
+                sh.run("SELECT count(*) FROM t;").trim(),
+                "1",
+                "{journal} {mode:?}: reads work"
+            );
             let t0 = Instant::now();
             let out = sh.run("INSERT INTO t VALUES (1);");
             let waited = t0.elapsed();
             match mode {
                 Mode::Writelock => {
                     assert!(out.contains("database is locked"), "{journal}: got {out:?}");
-                    assert!(waited >= Duration::from_millis(250), "busy_timeout governs the wait: {waited:?}");
+                    assert!(
+                        waited >= Duration::from_millis(250),
+                        "busy_timeout governs the wait: {waited:?}"
+                    );
                     assert_eq!(count(&db), 1, "nothing written while held");
                 }
                 Mode::Stock => assert_eq!(out, "", "stock ignores <db>.lock"),
             }
             holder.release();
-            assert_eq!(sh.run("INSERT INTO t VALUES (2);"), "", "{journal} {mode:?}: writes after release");
+            assert_eq!(
+                sh.run("INSERT INTO t VALUES (2);"),
+                "",
+                "{journal} {mode:?}: writes after release"
+            );
             sh.finish();
             let expect = if mode == Mode::Writelock { 2 } else { 3 };
             assert_eq!(count(&db), expect);
@@ -104,11 +130,22 @@ fn attached_database_has_its_own_lock_file() {
         std::fs::File::create(lock_path(&main)).unwrap();
         std::fs::File::create(lock_path(&aux)).unwrap();
         let mut sh = Shell::start(&main, mode);
-        sh.run(&format!("ATTACH '{}' AS aux; BEGIN; INSERT INTO aux.t VALUES (1);", aux.display()));
-        assert_eq!(outside_flock_free(&aux), mode == Mode::Stock, "{mode:?}: aux.db.lock");
+        sh.run(&format!(
+            "ATTACH '{}' AS aux; BEGIN; INSERT INTO aux.t VALUES (1);",
+            aux.display()
+        ));
+        assert_eq!(
+            outside_flock_free(&aux),
+            mode == Mode::Stock,
+            "{mode:?}: aux.db.lock"
+        );
         assert!(outside_flock_free(&main), "{mode:?}: main was not written");
         sh.run("INSERT INTO main.t VALUES (1);");
-        assert_eq!(outside_flock_free(&main), mode == Mode::Stock, "{mode:?}: main.db.lock");
+        assert_eq!(
+            outside_flock_free(&main),
+            mode == Mode::Stock,
+            "{mode:?}: main.db.lock"
+        );
         sh.run("COMMIT;");
         assert!(outside_flock_free(&main) && outside_flock_free(&aux));
         sh.finish();
@@ -132,24 +169,45 @@ fn hot_journal_not_rolled_back_while_lock_is_held() {
         sh.kill();
         let journal = dir.path().join("app.db-journal");
         let first = std::fs::read(&journal).unwrap();
-        assert!(first.first().is_some_and(|b| *b != 0), "a hot journal (synced header) is left behind");
+        assert!(
+            first.first().is_some_and(|b| *b != 0),
+            "a hot journal (synced header) is left behind"
+        );
 
         let holder = FlockHolder::hold(&lock_path(&db));
         let reader = open(&db, mode);
         // With the extension the reader sees a live writer and leaves the
         // journal alone; what it reads of a half-written file is not asserted.
         let _ = reader.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
-        let journal_left = std::fs::read(&journal).is_ok_and(|j| j.first().is_some_and(|b| *b != 0));
+        let journal_left =
+            std::fs::read(&journal).is_ok_and(|j| j.first().is_some_and(|b| *b != 0));
         match mode {
-            Mode::Writelock => assert!(journal_left, "journal must not be rolled back under the holder"),
-            Mode::Stock => assert!(!journal_left, "stock rolls the journal back under the holder"),
+            Mode::Writelock => assert!(
+                journal_left,
+                "journal must not be rolled back under the holder"
+            ),
+            Mode::Stock => assert!(
+                !journal_left,
+                "stock rolls the journal back under the holder"
+            ),
         }
         holder.release();
-        let n: i64 = reader.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let n: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 1);
-        assert!(!journal.exists(), "{mode:?}: rolled back once the lock is free");
-        assert_eq!(count(&db), 1, "{mode:?}: the dead writer's transaction is gone");
-        let ok: String = reader.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert!(
+            !journal.exists(),
+            "{mode:?}: rolled back once the lock is free"
+        );
+        assert_eq!(
+            count(&db),
+            1,
+            "{mode:?}: the dead writer's transaction is gone"
+        );
+        let ok: String = reader
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(ok, "ok");
     }
 }
@@ -160,12 +218,27 @@ fn hot_journal_not_rolled_back_while_lock_is_held() {
 fn unusable_lock_file_is_a_clear_error() {
     type Make = fn(&Path);
     let cases: [(&str, Make, &str); 3] = [
-        ("directory", |p| std::fs::create_dir(p).unwrap(), "directory"),
-        ("symlink", |p| std::os::unix::fs::symlink("/tmp", p).unwrap(), "symlink"),
-        ("fifo", |p| {
-            let st = std::process::Command::new("mkfifo").arg(p).status().unwrap();
-            assert!(st.success());
-        }, "FIFO"),
+        (
+            "directory",
+            |p| std::fs::create_dir(p).unwrap(),
+            "directory",
+        ),
+        (
+            "symlink",
+            |p| std::os::unix::fs::symlink("/tmp", p).unwrap(),
+            "symlink",
+        ),
+        (
+            "fifo",
+            |p| {
+                let st = std::process::Command::new("mkfifo")
+                    .arg(p)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            },
+            "FIFO",
+        ),
     ];
     for (what, make, says) in cases {
         let dir = tempdir();
@@ -179,14 +252,19 @@ fn unusable_lock_file_is_a_clear_error() {
         // With the extension: open fails, naming the path and the cause.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
         writelock_tests::load_extension();
-        let e = Connection::open_with_flags_and_vfs(&db, flags, "writelock").err().expect(what).to_string();
+        let e = Connection::open_with_flags_and_vfs(&db, flags, "writelock")
+            .expect_err(what)
+            .to_string();
         assert!(e.contains(&lp.display().to_string()), "{what}: {e}");
         assert!(e.contains(says), "{what}: {e}");
         // The same through the sqlite3 shell.
         let mut sh = Shell::start(&db, Mode::Writelock);
         let out = sh.run("SELECT count(*) FROM t;");
         sh.finish();
-        assert!(out.contains(&lp.display().to_string()) && out.contains(says), "{what}: shell said {out:?}");
+        assert!(
+            out.contains(&lp.display().to_string()) && out.contains(says),
+            "{what}: shell said {out:?}"
+        );
         // Nothing lost: fix the path and everything is there.
         if lp.symlink_metadata().unwrap().is_dir() {
             std::fs::remove_dir(&lp).unwrap();
@@ -215,9 +293,15 @@ fn read_only_directory_is_a_clear_error() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
     writelock_tests::load_extension();
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE;
-    let e = Connection::open_with_flags_and_vfs(&db, flags, "writelock").err().unwrap().to_string();
+    let e = Connection::open_with_flags_and_vfs(&db, flags, "writelock")
+        .err()
+        .unwrap()
+        .to_string();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    assert!(e.contains("app.db.lock") && e.contains("Permission denied"), "{e}");
+    assert!(
+        e.contains("app.db.lock") && e.contains("Permission denied"),
+        "{e}"
+    );
 }
 
 /// Read-only, immutable, in-memory and temporary databases need no lock file.
@@ -230,8 +314,12 @@ fn no_lock_file_where_no_writer_can_be() {
     let lp = lock_path(&db);
     assert!(!lp.exists());
 
-    let ro = Connection::open_with_flags_and_vfs(&db, OpenFlags::SQLITE_OPEN_READ_ONLY, "writelock").unwrap();
-    let n: i64 = ro.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+    let ro =
+        Connection::open_with_flags_and_vfs(&db, OpenFlags::SQLITE_OPEN_READ_ONLY, "writelock")
+            .unwrap();
+    let n: i64 = ro
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 1);
     drop(ro);
     assert!(!lp.exists(), "read-only");
@@ -239,18 +327,32 @@ fn no_lock_file_where_no_writer_can_be() {
     let uri = format!("file:{}?immutable=1", db.display());
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI;
     let im = Connection::open_with_flags_and_vfs(&uri, flags, "writelock").unwrap();
-    let _: i64 = im.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+    let _: i64 = im
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
     drop(im);
     assert!(!lp.exists(), "immutable=1");
 
     for name in [":memory:", ""] {
-        let c = Connection::open_with_flags_and_vfs(name, OpenFlags::default(), "writelock").unwrap();
-        c.execute_batch("CREATE TABLE x(y); INSERT INTO x VALUES (1);").unwrap();
-        let s: String = c.query_row("SELECT writelock_status()", [], |r| r.get(0)).unwrap();
+        let c =
+            Connection::open_with_flags_and_vfs(name, OpenFlags::default(), "writelock").unwrap();
+        c.execute_batch("CREATE TABLE x(y); INSERT INTO x VALUES (1);")
+            .unwrap();
+        let s: String = c
+            .query_row("SELECT writelock_status()", [], |r| r.get(0))
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        assert_eq!(v["databases"][0]["lock_file"], serde_json::Value::Null, "{name:?}: {s}");
+        assert_eq!(
+            v["databases"][0]["lock_file"],
+            serde_json::Value::Null,
+            "{name:?}: {s}"
+        );
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only app.db in the directory");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "only app.db in the directory"
+    );
 
     // A read-write open does create it (so the checks above could fail).
     let rw = open(&db, Mode::Writelock);
@@ -268,7 +370,11 @@ fn loading_twice_is_harmless() {
     let db = dir.path().join("app.db");
     let so = writelock_tests::so_path();
     let mut sh = Shell::start(&db, Mode::Stock);
-    let out = sh.run(&format!(".load {0}\n.load {0}\n.open {1}", so.display(), db.display()));
+    let out = sh.run(&format!(
+        ".load {0}\n.load {0}\n.open {1}",
+        so.display(),
+        db.display()
+    ));
     assert_eq!(out, "");
     let out = sh.run(
         "CREATE TABLE t(x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1); \

@@ -4,9 +4,9 @@
 //! The extension is loaded at run time from `target/release/libwritelock.so`
 //! (`make` builds it; `WRITELOCK_SO` overrides), never linked.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::io::{BufRead, BufReader, Write};
 use std::sync::OnceLock;
 
 use rusqlite::{Connection, OpenFlags};
@@ -61,7 +61,9 @@ impl Mode {
 /// Open `path` read-write (creating it) in `mode`, with `busy_timeout` 0.
 pub fn open(path: &Path, mode: Mode) -> Connection {
     load_extension();
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_URI;
     let c = Connection::open_with_flags_and_vfs(path, flags, mode.vfs()).unwrap();
     c.busy_timeout(std::time::Duration::ZERO).unwrap();
     c
@@ -144,7 +146,8 @@ impl Shell {
         let mut cmd = Command::new("sqlite3");
         cmd.arg("-batch").arg("-noheader").arg("-list");
         if mode == Mode::Writelock {
-            cmd.arg("-cmd").arg(format!(".load {}", so_path().display()));
+            cmd.arg("-cmd")
+                .arg(format!(".load {}", so_path().display()));
         }
         cmd.arg("-cmd").arg(format!(".open {}", db.display()));
         let (r, w) = std::io::pipe().unwrap();
@@ -156,7 +159,12 @@ impl Shell {
             .expect("the sqlite3 shell is needed (apt-get install sqlite3)");
         drop(cmd);
         let stdin = child.stdin.take().unwrap();
-        Shell { child, stdin, stdout: BufReader::new(r), marker: 0 }
+        Shell {
+            child,
+            stdin,
+            stdout: BufReader::new(r),
+            marker: 0,
+        }
     }
 
     fn send(&mut self, s: &str) {
@@ -199,5 +207,8 @@ impl Shell {
 
 /// A fresh temporary directory, removed on drop.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("writelock-test").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("writelock-test")
+        .tempdir()
+        .unwrap()
 }

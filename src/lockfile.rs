@@ -23,7 +23,7 @@ pub enum LockError {
     Open { path: PathBuf, source: io::Error },
     /// The path exists but is not a regular file (a directory, FIFO, socket, device).
     NotRegular { path: PathBuf, kind: &'static str },
-    /// `flock()` itself failed with something other than "held by someone else".
+    /// `flock()` or `fcntl(F_OFD_SETLK)` failed with something other than "held by someone else".
     Flock { path: PathBuf, errno: Errno },
     /// The handle was opened in another process (before a `fork()`): its lock
     /// descriptor is shared with the parent, so acting on it would act on the
@@ -71,7 +71,7 @@ impl fmt::Display for LockError {
                 "writelock: lock file {p} is a {kind}, not a regular file; remove it and retry"
             ),
             LockError::Flock { errno, .. } => {
-                write!(f, "writelock: flock() on {p} failed: {}", errno.desc())
+                write!(f, "writelock: locking {p} failed: {}", errno.desc())
             }
             LockError::Forked {
                 opened_in, used_in, ..
@@ -91,6 +91,21 @@ pub fn lock_path_for(db_path: &Path) -> PathBuf {
     let mut s = db_path.as_os_str().to_owned();
     s.push(".lock");
     PathBuf::from(s)
+}
+
+/// Byte of `<db>.lock` that carries the OFD "shadow" of SQLite's SHARED /
+/// EXCLUSIVE locks. The file stays empty; locks beyond EOF are fine.
+const SHADOW_BYTE: i64 = 0;
+
+/// The OFD shadow lock a handle holds (see [`LockFile::shadow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shadow {
+    /// None held.
+    Unlocked,
+    /// Shared: this handle is attached/reading.
+    Read,
+    /// Exclusive: this handle writes the database file.
+    Write,
 }
 
 enum State {
@@ -116,9 +131,8 @@ impl LockFile {
     /// for its journals.
     pub fn open(db_path: &Path) -> Result<LockFile, LockError> {
         let path = lock_path_for(db_path);
-        let mode = std::fs::metadata(db_path)
-            .map(|m| m.mode() & 0o777)
-            .unwrap_or(0o644);
+        let db_meta = std::fs::metadata(db_path).ok();
+        let mode = db_meta.as_ref().map(|m| m.mode() & 0o777).unwrap_or(0o644);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -131,13 +145,11 @@ impl LockFile {
                 path: path.clone(),
                 source,
             })?;
-        let ft = file
-            .metadata()
-            .map_err(|source| LockError::Open {
-                path: path.clone(),
-                source,
-            })?
-            .file_type();
+        let meta = file.metadata().map_err(|source| LockError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let ft = meta.file_type();
         if !ft.is_file() {
             let kind = if ft.is_dir() {
                 "directory"
@@ -151,6 +163,19 @@ impl LockFile {
                 "special file"
             };
             return Err(LockError::NotRegular { path, kind });
+        }
+        // As SQLite does for journals: a new (empty) lock file gets the
+        // database's mode despite the umask, and its owner when we are root,
+        // so every user who may write the database may also lock it.
+        if meta.len() == 0 && meta.mode() & 0o777 != mode {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+        }
+        if let Some(db) = &db_meta {
+            if nix::unistd::geteuid().is_root() && (meta.uid(), meta.gid()) != (db.uid(), db.gid())
+            {
+                let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
+            }
         }
         Ok(LockFile {
             path,
@@ -226,6 +251,47 @@ impl LockFile {
             },
             other => other,
         };
+    }
+
+    fn file(&self) -> &File {
+        match &self.state {
+            State::Unlocked(f) => f,
+            State::Locked(l) => l,
+            State::Transit => unreachable!("lock file state left in transit"),
+        }
+    }
+
+    /// Set the open-file-description lock on the shadow byte without
+    /// blocking: `Ok(false)` when another handle's lock conflicts.
+    ///
+    /// OFD locks (`F_OFD_SETLK`, Linux) belong to this handle's own open file
+    /// description: unlike SQLite's POSIX locks they survive `close()` of any
+    /// other descriptor in the process, two handles in one process conflict
+    /// like two processes, and on local filesystems they are independent of
+    /// `flock()`, so the `flock(1)` contract on `<db>.lock` is unchanged. A
+    /// failed upgrade leaves the read lock in place.
+    pub fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
+        self.check_pid()?;
+        let l_type = match to {
+            Shadow::Unlocked => libc::F_UNLCK,
+            Shadow::Read => libc::F_RDLCK,
+            Shadow::Write => libc::F_WRLCK,
+        };
+        let fl = libc::flock {
+            l_type: l_type as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: SHADOW_BYTE,
+            l_len: 1,
+            l_pid: 0, // F_OFD_* requires 0
+        };
+        match nix::fcntl::fcntl(self.file(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
+            Ok(_) => Ok(true),
+            Err(Errno::EAGAIN) | Err(Errno::EACCES) | Err(Errno::EINTR) => Ok(false),
+            Err(errno) => Err(LockError::Flock {
+                path: self.path.clone(),
+                errno,
+            }),
+        }
     }
 
     /// Whether another open file description holds `LOCK_EX` now. Probes with
@@ -311,6 +377,35 @@ mod tests {
             lock_path_for(&db).exists(),
             "the lock file is never deleted"
         );
+    }
+
+    #[test]
+    fn new_lock_file_takes_the_database_mode_despite_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let db = tmp().join("m.db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let _l = LockFile::open(&db).unwrap();
+        let m = std::fs::metadata(lock_path_for(&db)).unwrap().mode() & 0o777;
+        assert_eq!(m, 0o664);
+    }
+
+    #[test]
+    fn shadow_locks_conflict_between_handles() {
+        let db = tmp().join("s.db");
+        let mut a = LockFile::open(&db).unwrap();
+        let mut b = LockFile::open(&db).unwrap();
+        assert!(a.shadow(Shadow::Read).unwrap());
+        assert!(b.shadow(Shadow::Read).unwrap());
+        assert!(!a.shadow(Shadow::Write).unwrap(), "b reads");
+        assert!(b.shadow(Shadow::Unlocked).unwrap());
+        assert!(a.shadow(Shadow::Write).unwrap());
+        assert!(!b.shadow(Shadow::Read).unwrap(), "a writes");
+        // Independent of flock: the flock(1) contract is untouched.
+        assert!(b.try_lock().unwrap());
+        // A close() of another descriptor on the file does not drop OFD locks.
+        drop(std::fs::File::open(lock_path_for(&db)).unwrap());
+        assert!(!b.shadow(Shadow::Read).unwrap(), "a still writes");
     }
 
     #[test]

@@ -6,6 +6,15 @@
 //! `<db>.lock`; the lock is taken *before* the inner SQLite lock, released
 //! *after* the inner unlock, and undone when the inner call fails.
 //!
+//! Beside the flock, SQLite's SHARED and EXCLUSIVE levels are *shadowed* by an
+//! OFD lock on `<db>.lock` (read at SHARED, write at EXCLUSIVE), which no
+//! `close()` elsewhere in the process can cancel. In rollback modes that keeps
+//! readers and a writer of the database file apart even when SQLite's POSIX
+//! locks were lost; in WAL mode every connection holds SHARED for its whole
+//! life, so the shadow marks it *attached*, and the close-time EXCLUSIVE (the
+//! "am I the last connection?" test that checkpoints and deletes `-wal` and
+//! `-shm`) is refused while anyone else is attached. See `docs/protocol.md`.
+//!
 //! Two exceptions, both from SQLite's internals (see DESIGN.md):
 //! * WAL recovery / header check: slot 0 requested while the handle holds no
 //!   shared-memory lock at all. It rebuilds the `-shm` index and never writes
@@ -17,7 +26,9 @@
 //! The inner SQLite call is passed in as a closure returning its result code,
 //! so this module is driven by unit tests without SQLite.
 
-use crate::lockfile::LockError;
+use std::time::{Duration, Instant};
+
+use crate::lockfile::{LockError, Shadow};
 use libsqlite3_sys as ffi;
 
 /// The lock on `<db>.lock`, as the protocol needs it (a trait so tests can fake it).
@@ -28,6 +39,8 @@ pub trait WriterFlock {
     fn release(&mut self);
     /// Whether some *other* holder has it right now.
     fn held_elsewhere(&mut self) -> Result<bool, LockError>;
+    /// Set the shadow lock without blocking: `Ok(false)` when it conflicts.
+    fn shadow(&mut self, to: Shadow) -> Result<bool, LockError>;
 }
 
 impl WriterFlock for crate::lockfile::LockFile {
@@ -39,6 +52,9 @@ impl WriterFlock for crate::lockfile::LockFile {
     }
     fn held_elsewhere(&mut self) -> Result<bool, LockError> {
         crate::lockfile::LockFile::held_elsewhere(self)
+    }
+    fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
+        crate::lockfile::LockFile::shadow(self, to)
     }
 }
 
@@ -61,6 +77,13 @@ mod why {
 
 const SLOT_WRITE: u32 = 1 << 0;
 const SLOT_CKPT: u32 = 1 << 1;
+/// WAL read-mark slots (3..8): holding one means a read transaction is open.
+const READ_SLOTS: u32 = !0b111;
+
+/// How long a checkpoint (auto or `PRAGMA wal_checkpoint`) polls for the
+/// flock before reporting busy. Without it the committer's auto-checkpoint
+/// loses to the next writer every time and the WAL only grows.
+pub const CHECKPOINT_PATIENCE: Duration = Duration::from_millis(100);
 
 /// Per-handle lock state. Generic over the flock so tests can inject failures.
 pub struct Protocol<F> {
@@ -68,6 +91,7 @@ pub struct Protocol<F> {
     level: i32,
     shm_excl: u32,
     shm_shared: u32,
+    shadow: Shadow,
     why: u8,
     held: bool,
     /// Last error from the lock file, kept for messages and status.
@@ -93,12 +117,18 @@ impl<F: WriterFlock> Protocol<F> {
             level: ffi::SQLITE_LOCK_NONE,
             shm_excl: 0,
             shm_shared: 0,
+            shadow: Shadow::Unlocked,
             why: 0,
             held: false,
             last_error: None,
             unlogged: None,
             counters: Counters::default(),
         }
+    }
+
+    /// The shadow lock this handle holds now.
+    pub fn shadow_held(&self) -> Shadow {
+        self.shadow
     }
 
     /// Whether this handle holds the flock now.
@@ -120,8 +150,19 @@ impl<F: WriterFlock> Protocol<F> {
     /// Add a reason to be a writer; takes the flock on the first one.
     /// `Err(rc)` leaves the state unchanged.
     fn enter(&mut self, reason: u8) -> Result<(), i32> {
+        self.enter_within(reason, Duration::ZERO)
+    }
+
+    /// [`Self::enter`], polling up to `patience` while the flock is contended.
+    fn enter_within(&mut self, reason: u8, patience: Duration) -> Result<(), i32> {
         if self.why == 0 && !self.held {
-            match self.flock.try_acquire() {
+            let deadline = Instant::now() + patience;
+            let mut got = self.flock.try_acquire();
+            while matches!(got, Ok(false)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+                got = self.flock.try_acquire();
+            }
+            match got {
                 Ok(true) => {
                     self.held = true;
                     self.counters.acquisitions += 1;
@@ -158,30 +199,103 @@ impl<F: WriterFlock> Protocol<F> {
         }
     }
 
-    /// `xLock(level)`: escalation to RESERVED or above needs the flock first.
+    /// Move the shadow lock; `Err(rc)` on a system error (logged).
+    fn set_shadow(&mut self, to: Shadow) -> Result<bool, i32> {
+        match self.flock.shadow(to) {
+            Ok(true) => {
+                self.shadow = to;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                self.note_error(ffi::SQLITE_IOERR_LOCK, e);
+                Err(ffi::SQLITE_IOERR_LOCK)
+            }
+        }
+    }
+
+    /// Best effort on paths that cannot fail (unlock, undo): an error is
+    /// noted and the handle keeps believing it holds the stronger lock.
+    fn lower_shadow(&mut self, to: Shadow) {
+        let _ = self.set_shadow(to);
+    }
+
+    fn busy(&mut self) -> i32 {
+        self.counters.busy += 1;
+        crate::stats::GLOBAL.busy();
+        ffi::SQLITE_BUSY
+    }
+
+    /// `xLock(level)`: shadow read before SHARED; the flock before RESERVED
+    /// or above; shadow write before EXCLUSIVE. Any step that fails undoes
+    /// the steps before it, and a failed inner lock undoes them all.
     pub fn lock(&mut self, level: i32, inner: impl FnOnce() -> i32) -> i32 {
+        let took_read = self.shadow == Shadow::Unlocked;
+        if took_read {
+            match self.set_shadow(Shadow::Read) {
+                Ok(true) => {}
+                Ok(false) => return self.busy(), // a writer holds EXCLUSIVE
+                Err(rc) => return rc,
+            }
+        }
         let newly = level >= ffi::SQLITE_LOCK_RESERVED && self.why & why::XLOCK == 0;
         if newly {
             if let Err(rc) = self.enter(why::XLOCK) {
+                if took_read {
+                    self.lower_shadow(Shadow::Unlocked);
+                }
                 return rc;
+            }
+        }
+        let took_write = level >= ffi::SQLITE_LOCK_EXCLUSIVE && self.shadow != Shadow::Write;
+        if took_write {
+            let r = self.set_shadow(Shadow::Write);
+            if r != Ok(true) {
+                // Other handles are reading (or, in WAL mode, attached).
+                if newly {
+                    self.leave(why::XLOCK);
+                }
+                if took_read {
+                    self.lower_shadow(Shadow::Unlocked);
+                }
+                return match r {
+                    Err(rc) => rc,
+                    _ => self.busy(),
+                };
             }
         }
         let rc = inner();
         if rc == ffi::SQLITE_OK {
             self.level = self.level.max(level);
-        } else if newly {
-            self.leave(why::XLOCK);
+        } else {
+            if took_write {
+                self.lower_shadow(Shadow::Read);
+            }
+            if newly {
+                self.leave(why::XLOCK);
+            }
+            if took_read {
+                self.lower_shadow(Shadow::Unlocked);
+            }
         }
         rc
     }
 
-    /// `xUnlock(level)`: the flock goes after the inner unlock succeeded and
-    /// the level is below RESERVED. If the inner unlock fails the inner lock
-    /// may still be held, so the flock stays (fail closed; close releases it).
+    /// `xUnlock(level)`: the flock and the shadow go after the inner unlock
+    /// succeeded. If the inner unlock fails the inner lock may still be held,
+    /// so ours stay (fail closed; close releases them).
     pub fn unlock(&mut self, level: i32, inner: impl FnOnce() -> i32) -> i32 {
         let rc = inner();
         if rc == ffi::SQLITE_OK {
             self.level = level;
+            let want = match level {
+                l if l >= ffi::SQLITE_LOCK_EXCLUSIVE => self.shadow,
+                l if l >= ffi::SQLITE_LOCK_SHARED => Shadow::Read,
+                _ => Shadow::Unlocked,
+            };
+            if want != self.shadow && !(want == Shadow::Read && self.shadow == Shadow::Unlocked) {
+                self.lower_shadow(want);
+            }
             if level < ffi::SQLITE_LOCK_RESERVED {
                 self.leave(why::XLOCK);
             }
@@ -189,16 +303,26 @@ impl<F: WriterFlock> Protocol<F> {
         rc
     }
 
-    /// `xCheckReservedLock`: also "reserved" while another handle holds the
-    /// flock, so a reader never mistakes a live journal for a hot one.
-    pub fn check_reserved(&mut self, inner: impl FnOnce(&mut i32) -> i32) -> (i32, i32) {
+    /// `xCheckReservedLock`, asked by a reader that found a journal. When
+    /// SQLite sees no writer but the journal looks hot (`journal_looks_hot`:
+    /// non-zero first byte) while another handle holds the flock, the journal
+    /// may belong to a live writer whose POSIX locks were cancelled (or a
+    /// `flock(1)` holder is guarding the files): neither roll it back nor read
+    /// the half-written file — `SQLITE_BUSY`, and the busy handler retries.
+    /// The probe runs only in that case, so it never disturbs writers' own
+    /// non-blocking attempts in the common one.
+    pub fn check_reserved(
+        &mut self,
+        inner: impl FnOnce(&mut i32) -> i32,
+        journal_looks_hot: impl FnOnce() -> bool,
+    ) -> (i32, i32) {
         let mut res = 0;
         let rc = inner(&mut res);
-        if rc != ffi::SQLITE_OK || res != 0 || self.held {
+        if rc != ffi::SQLITE_OK || res != 0 || self.held || !journal_looks_hot() {
             return (rc, res);
         }
         match self.flock.held_elsewhere() {
-            Ok(true) => (rc, 1),
+            Ok(true) => (self.busy(), 0),
             Ok(false) => (rc, 0),
             Err(e) => {
                 self.note_error(ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, e);
@@ -214,8 +338,9 @@ impl<F: WriterFlock> Protocol<F> {
         let excl = flags & ffi::SQLITE_SHM_EXCLUSIVE != 0;
         match (lock, excl) {
             (true, true) => {
+                let reading = self.shm_excl != 0 || self.shm_shared & READ_SLOTS != 0;
                 let reason = if mask & SLOT_WRITE != 0 {
-                    if self.shm_excl == 0 && self.shm_shared == 0 {
+                    if !reading {
                         0 // WAL recovery / header check: not a user write.
                     } else {
                         why::WAL_WRITE
@@ -227,7 +352,15 @@ impl<F: WriterFlock> Protocol<F> {
                 };
                 let newly = reason != 0 && self.why & reason == 0;
                 if newly {
-                    if let Err(rc) = self.enter(reason) {
+                    // A checkpoint that holds no shm lock may wait a little:
+                    // nothing a writer needs is held, and SQLite gives the
+                    // checkpoint lock a single try (no busy handler).
+                    let patience = if reason == why::WAL_CKPT && !reading {
+                        CHECKPOINT_PATIENCE
+                    } else {
+                        Duration::ZERO
+                    };
+                    if let Err(rc) = self.enter_within(reason, patience) {
                         return rc;
                     }
                 }
@@ -275,8 +408,11 @@ impl<F: WriterFlock> Protocol<F> {
         self.sync_shm_reasons();
     }
 
-    /// `xClose`: whatever happened, the flock does not outlive the handle.
+    /// `xClose`: whatever happened, no lock outlives the handle.
     pub fn close(&mut self) {
+        if self.shadow != Shadow::Unlocked {
+            self.lower_shadow(Shadow::Unlocked);
+        }
         self.why = 0;
         if self.held {
             self.flock.release();
@@ -303,6 +439,11 @@ mod tests {
         contended: bool,
         acquires: u32,
         releases: u32,
+        /// Another handle holds a shadow read (reader / attached).
+        others_reading: bool,
+        /// Another handle holds the shadow write (writing the db file).
+        other_writing: bool,
+        shadow: Option<Shadow>,
     }
     impl WriterFlock for Fake {
         fn try_acquire(&mut self) -> Result<bool, LockError> {
@@ -321,6 +462,17 @@ mod tests {
         }
         fn held_elsewhere(&mut self) -> Result<bool, LockError> {
             Ok(self.contended)
+        }
+        fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
+            let ok = match to {
+                Shadow::Unlocked => true,
+                Shadow::Read => !self.other_writing,
+                Shadow::Write => !self.other_writing && !self.others_reading,
+            };
+            if ok {
+                self.shadow = Some(to);
+            }
+            Ok(ok)
         }
     }
 
@@ -475,22 +627,118 @@ mod tests {
     }
 
     #[test]
+    fn shadow_follows_shared_and_exclusive() {
+        let mut h = p();
+        h.lock(SHARED, || SQLITE_OK);
+        assert_eq!(h.shadow_held(), Shadow::Read);
+        h.lock(RES, || SQLITE_OK);
+        assert_eq!(h.shadow_held(), Shadow::Read);
+        h.lock(EXCL, || SQLITE_OK);
+        assert_eq!(h.shadow_held(), Shadow::Write);
+        h.unlock(SHARED, || SQLITE_OK);
+        assert_eq!(h.shadow_held(), Shadow::Read);
+        h.unlock(NONE, || SQLITE_OK);
+        assert_eq!(h.shadow_held(), Shadow::Unlocked);
+        assert!(!h.holds());
+    }
+
+    #[test]
+    fn reader_is_busy_while_another_handle_writes_the_file() {
+        let mut h = p();
+        h.flock.other_writing = true;
+        assert_eq!(
+            h.lock(SHARED, || panic!("inner SHARED must wait")),
+            SQLITE_BUSY
+        );
+        assert_eq!(h.shadow_held(), Shadow::Unlocked);
+        h.flock.other_writing = false;
+        assert_eq!(h.lock(SHARED, || SQLITE_OK), SQLITE_OK);
+    }
+
+    #[test]
+    fn exclusive_waits_for_other_readers_and_keeps_reserved() {
+        let mut h = p();
+        h.flock.others_reading = true;
+        h.lock(SHARED, || SQLITE_OK);
+        h.lock(RES, || SQLITE_OK);
+        assert_eq!(
+            h.lock(EXCL, || panic!("inner EXCLUSIVE must wait")),
+            SQLITE_BUSY
+        );
+        assert!(h.holds(), "still RESERVED: keeps the flock");
+        assert_eq!(
+            h.shadow_held(),
+            Shadow::Read,
+            "a failed upgrade keeps the read lock"
+        );
+        // Straight from SHARED (hot journal, WAL close): everything undone.
+        let mut g = p();
+        g.flock.others_reading = true;
+        g.lock(SHARED, || SQLITE_OK);
+        assert_eq!(g.lock(EXCL, || panic!("must not be tried")), SQLITE_BUSY);
+        assert!(!g.holds() && !g.flock.held);
+        assert_eq!(g.shadow_held(), Shadow::Read);
+    }
+
+    #[test]
+    fn failed_inner_exclusive_downgrades_shadow() {
+        let mut h = p();
+        h.lock(SHARED, || SQLITE_OK);
+        h.lock(RES, || SQLITE_OK);
+        assert_eq!(h.lock(EXCL, || SQLITE_BUSY), SQLITE_BUSY);
+        assert_eq!(h.shadow_held(), Shadow::Read);
+        assert!(h.holds());
+        h.close();
+        assert_eq!(h.shadow_held(), Shadow::Unlocked);
+    }
+
+    #[test]
     fn check_reserved_reports_other_holder() {
         let mut h = p();
         assert_eq!(
-            h.check_reserved(|r| {
-                *r = 0;
-                SQLITE_OK
-            }),
+            h.check_reserved(
+                |r| {
+                    *r = 0;
+                    SQLITE_OK
+                },
+                || true
+            ),
             (SQLITE_OK, 0)
         );
         h.flock.contended = true;
+        let none = |r: &mut i32| {
+            *r = 0;
+            SQLITE_OK
+        };
         assert_eq!(
-            h.check_reserved(|r| {
-                *r = 0;
-                SQLITE_OK
-            }),
+            h.check_reserved(none, || false),
+            (SQLITE_OK, 0),
+            "no hot-looking journal: no probe"
+        );
+        assert_eq!(
+            h.check_reserved(none, || true),
+            (SQLITE_BUSY, 0),
+            "live writer or flock(1) holder"
+        );
+        let inner_reserved = |r: &mut i32| {
+            *r = 1;
+            SQLITE_OK
+        };
+        assert_eq!(
+            h.check_reserved(inner_reserved, || panic!("not asked")),
             (SQLITE_OK, 1)
+        );
+    }
+
+    #[test]
+    fn snapshot_style_shared_slot1_is_not_a_read_transaction() {
+        let mut h = p();
+        h.flock.contended = true;
+        h.shm_lock(1, 1, SL, || SQLITE_OK);
+        assert_eq!(
+            h.shm_lock(0, 1, XL, || SQLITE_OK),
+            SQLITE_OK,
+            "recovery passes"
         );
     }
 }

@@ -26,6 +26,10 @@ pub const VFS_NAME: &CStr = c"writelock";
 pub(crate) struct FileState {
     /// `<db>.lock`; `None` when no lock is needed (read-only, immutable).
     pub lock_path: Option<PathBuf>,
+    /// `<db>-journal`, whose first byte tells a hot journal.
+    pub journal_path: PathBuf,
+    /// Whether the fail-closed error was already logged (log once per handle).
+    pub logged: std::sync::atomic::AtomicBool,
     /// The protocol, or why the lock file could not be used (fail closed).
     pub lock: Result<Option<Mutex<Protocol<LockFile>>>, String>,
 }
@@ -120,10 +124,26 @@ unsafe fn with_proto(
         Ok(None) => pass(),
         Ok(Some(m)) => step(m, op),
         Err(msg) => {
-            crate::log_error(ffi::SQLITE_CANTOPEN, msg);
+            if !state(f)
+                .logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                crate::log_error(ffi::SQLITE_CANTOPEN, msg);
+            }
             ffi::SQLITE_CANTOPEN
         }
     }
+}
+
+/// Whether a rollback journal exists with a non-zero first byte — what SQLite
+/// calls hot once no writer holds RESERVED. Opening and closing the journal
+/// does not touch any lock on the database file.
+fn looks_hot(journal: &Path) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    std::fs::File::open(journal)
+        .and_then(|mut f| f.read(&mut b))
+        .is_ok_and(|n| n == 1 && b[0] != 0)
 }
 
 // ---- io methods -------------------------------------------------------------
@@ -224,7 +244,11 @@ unsafe extern "C" fn x_check_reserved_lock(f: *mut ffi::sqlite3_file, out: *mut 
                 f,
                 || inner_call!(f, xCheckReservedLock, out),
                 |p| {
-                    let (rc, res) = p.check_reserved(|r| inner_call!(f, xCheckReservedLock, r));
+                    let journal = &state(f).journal_path;
+                    let (rc, res) = p.check_reserved(
+                        |r| inner_call!(f, xCheckReservedLock, r),
+                        || looks_hot(journal),
+                    );
                     *out = res;
                     rc
                 },
@@ -406,13 +430,14 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
 
 // ---- vfs methods ------------------------------------------------------------
 
-/// The wrapped VFS.
+/// The wrapped VFS. A raw pointer, never a reference: SQLite may use the
+/// struct from other threads and writes its `pNext` when VFSes register.
 ///
 /// # Safety
 /// `vfs` is our registered VFS, whose `pAppData` is the inner VFS (set once in
 /// [`register_vfs`], never freed).
-unsafe fn ivfs(vfs: *mut ffi::sqlite3_vfs) -> &'static mut ffi::sqlite3_vfs {
-    &mut *((*vfs).pAppData as *mut ffi::sqlite3_vfs)
+unsafe fn ivfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
+    (*vfs).pAppData as *mut ffi::sqlite3_vfs
 }
 
 fn needs_lock_file(name: *const c_char, out_flags: c_int) -> bool {
@@ -437,7 +462,7 @@ unsafe extern "C" fn v_open(
         // VFS, name (or NULL) and out-flags pointer (or NULL).
         unsafe {
             let iv = ivfs(vfs);
-            let Some(open) = iv.xOpen else {
+            let Some(open) = (*iv).xOpen else {
                 return ffi::SQLITE_CANTOPEN;
             };
             if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
@@ -480,8 +505,21 @@ unsafe extern "C" fn v_open(
             } else {
                 (None, Ok(None))
             };
-            let version = im(f).iVersion.clamp(1, 3);
-            (*sf).state = Box::into_raw(Box::new(FileState { lock_path, lock }));
+            // Expose exactly what the inner file has: no xShm* without xShmMap.
+            let m = im(f);
+            let version = if m.xShmMap.is_none() {
+                1
+            } else {
+                m.iVersion.clamp(1, 3)
+            };
+            let mut journal = db_path.clone().into_os_string();
+            journal.push("-journal");
+            (*sf).state = Box::into_raw(Box::new(FileState {
+                lock_path,
+                journal_path: PathBuf::from(journal),
+                logged: std::sync::atomic::AtomicBool::new(false),
+                lock,
+            }));
             (*sf).base.pMethods = &METHODS[(version - 1) as usize];
             ffi::SQLITE_OK
         }
@@ -496,7 +534,8 @@ unsafe extern "C" fn v_delete(
     // SAFETY: delegation to the inner VFS.
     guard(ffi::SQLITE_IOERR_DELETE, || unsafe {
         let iv = ivfs(vfs);
-        iv.xDelete
+        (*iv)
+            .xDelete
             .map_or(ffi::SQLITE_IOERR_DELETE, |m| m(iv, name, sync))
     })
 }
@@ -510,7 +549,8 @@ unsafe extern "C" fn v_access(
     // SAFETY: delegation.
     guard(ffi::SQLITE_IOERR_ACCESS, || unsafe {
         let iv = ivfs(vfs);
-        iv.xAccess
+        (*iv)
+            .xAccess
             .map_or(ffi::SQLITE_IOERR_ACCESS, |m| m(iv, name, flags, out))
     })
 }
@@ -524,7 +564,8 @@ unsafe extern "C" fn v_full_pathname(
     // SAFETY: delegation.
     guard(ffi::SQLITE_CANTOPEN_FULLPATH, || unsafe {
         let iv = ivfs(vfs);
-        iv.xFullPathname
+        (*iv)
+            .xFullPathname
             .map_or(ffi::SQLITE_CANTOPEN, |m| m(iv, name, n, out))
     })
 }
@@ -533,7 +574,7 @@ unsafe extern "C" fn v_dlopen(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -
     // SAFETY: delegation.
     guard(ptr::null_mut(), || unsafe {
         let iv = ivfs(vfs);
-        iv.xDlOpen.map_or(ptr::null_mut(), |m| m(iv, name))
+        (*iv).xDlOpen.map_or(ptr::null_mut(), |m| m(iv, name))
     })
 }
 
@@ -541,7 +582,7 @@ unsafe extern "C" fn v_dlerror(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c
     // SAFETY: delegation.
     guard((), || unsafe {
         let iv = ivfs(vfs);
-        if let Some(m) = iv.xDlError {
+        if let Some(m) = (*iv).xDlError {
             m(iv, n, out)
         }
     })
@@ -558,7 +599,7 @@ unsafe extern "C" fn v_dlsym(
     // SAFETY: delegation.
     guard(None, || unsafe {
         let iv = ivfs(vfs);
-        iv.xDlSym.and_then(|m| m(iv, h, sym))
+        (*iv).xDlSym.and_then(|m| m(iv, h, sym))
     })
 }
 
@@ -566,7 +607,7 @@ unsafe extern "C" fn v_dlclose(vfs: *mut ffi::sqlite3_vfs, h: *mut c_void) {
     // SAFETY: delegation.
     guard((), || unsafe {
         let iv = ivfs(vfs);
-        if let Some(m) = iv.xDlClose {
+        if let Some(m) = (*iv).xDlClose {
             m(iv, h)
         }
     })
@@ -576,7 +617,7 @@ unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mu
     // SAFETY: delegation.
     guard(0, || unsafe {
         let iv = ivfs(vfs);
-        iv.xRandomness.map_or(0, |m| m(iv, n, out))
+        (*iv).xRandomness.map_or(0, |m| m(iv, n, out))
     })
 }
 
@@ -584,7 +625,7 @@ unsafe extern "C" fn v_sleep(vfs: *mut ffi::sqlite3_vfs, us: c_int) -> c_int {
     // SAFETY: delegation.
     guard(0, || unsafe {
         let iv = ivfs(vfs);
-        iv.xSleep.map_or(0, |m| m(iv, us))
+        (*iv).xSleep.map_or(0, |m| m(iv, us))
     })
 }
 
@@ -592,7 +633,7 @@ unsafe extern "C" fn v_current_time(vfs: *mut ffi::sqlite3_vfs, out: *mut f64) -
     // SAFETY: delegation.
     guard(ffi::SQLITE_ERROR, || unsafe {
         let iv = ivfs(vfs);
-        iv.xCurrentTime.map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
+        (*iv).xCurrentTime.map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
     })
 }
 
@@ -604,7 +645,7 @@ unsafe extern "C" fn v_get_last_error(
     // SAFETY: delegation.
     guard(0, || unsafe {
         let iv = ivfs(vfs);
-        iv.xGetLastError.map_or(0, |m| m(iv, n, out))
+        (*iv).xGetLastError.map_or(0, |m| m(iv, n, out))
     })
 }
 
@@ -612,7 +653,8 @@ unsafe extern "C" fn v_current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut 
     // SAFETY: delegation.
     guard(ffi::SQLITE_ERROR, || unsafe {
         let iv = ivfs(vfs);
-        iv.xCurrentTimeInt64
+        (*iv)
+            .xCurrentTimeInt64
             .map_or(ffi::SQLITE_ERROR, |m| m(iv, out))
     })
 }
@@ -625,7 +667,8 @@ unsafe extern "C" fn v_set_system_call(
     // SAFETY: delegation.
     guard(ffi::SQLITE_ERROR, || unsafe {
         let iv = ivfs(vfs);
-        iv.xSetSystemCall
+        (*iv)
+            .xSetSystemCall
             .map_or(ffi::SQLITE_NOTFOUND, |m| m(iv, name, p))
     })
 }
@@ -637,7 +680,7 @@ unsafe extern "C" fn v_get_system_call(
     // SAFETY: delegation.
     guard(None, || unsafe {
         let iv = ivfs(vfs);
-        iv.xGetSystemCall.and_then(|m| m(iv, name))
+        (*iv).xGetSystemCall.and_then(|m| m(iv, name))
     })
 }
 
@@ -648,7 +691,7 @@ unsafe extern "C" fn v_next_system_call(
     // SAFETY: delegation.
     guard(ptr::null(), || unsafe {
         let iv = ivfs(vfs);
-        iv.xNextSystemCall.map_or(ptr::null(), |m| m(iv, name))
+        (*iv).xNextSystemCall.map_or(ptr::null(), |m| m(iv, name))
     })
 }
 

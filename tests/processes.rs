@@ -176,9 +176,15 @@ fn hot_journal_not_rolled_back_while_lock_is_held() {
 
         let holder = FlockHolder::hold(&lock_path(&db));
         let reader = open(&db, mode);
-        // With the extension the reader sees a live writer and leaves the
-        // journal alone; what it reads of a half-written file is not asserted.
-        let _ = reader.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
+        // With the extension the reader neither rolls back nor reads the
+        // half-written file: it is told to wait (busy_timeout is 0 here).
+        let r = reader.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
+        if mode == Mode::Writelock {
+            let e = r
+                .expect_err("must not read a half-written file")
+                .to_string();
+            assert!(e.contains("database is locked"), "{e}");
+        }
         let journal_left =
             std::fs::read(&journal).is_ok_and(|j| j.first().is_some_and(|b| *b != 0));
         match mode {

@@ -5,11 +5,14 @@
 //! contract: `flock(1)` scripts and applications that lock it exclude, and are
 //! excluded by, every connection of this extension.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -119,8 +122,22 @@ enum State {
 /// one process exclude each other just as two processes do.
 pub struct LockFile {
     path: PathBuf,
+    /// The kernel's name for the file (`/proc/self/fd/N`), to find other
+    /// descriptors on it in this process.
+    canon: PathBuf,
+    /// (device, inode): the key of [`OURS`].
+    key: (u64, u64),
     state: State,
+    /// Holding by borrowing the process's own lock (see [`LockFile::try_lock`]).
+    borrowed: bool,
     pid: i32,
+}
+
+/// How many of this process's handles hold (or borrow) each lock file now.
+static OURS: LazyLock<Mutex<HashMap<(u64, u64), u32>>> = LazyLock::new(Default::default);
+
+fn ours() -> std::sync::MutexGuard<'static, HashMap<(u64, u64), u32>> {
+    OURS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl LockFile {
@@ -177,9 +194,14 @@ impl LockFile {
                 let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
             }
         }
+        let canon = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .unwrap_or_else(|_| path.clone());
         Ok(LockFile {
             path,
+            canon,
+            key: (meta.dev(), meta.ino()),
             state: State::Unlocked(file),
+            borrowed: false,
             pid: std::process::id() as i32,
         })
     }
@@ -189,9 +211,37 @@ impl LockFile {
         &self.path
     }
 
-    /// Whether this handle holds the exclusive lock now.
+    /// Whether this handle holds the exclusive lock now (or borrows it).
     pub fn is_held(&self) -> bool {
-        matches!(self.state, State::Locked(_))
+        self.borrowed || matches!(self.state, State::Locked(_))
+    }
+
+    /// Whether this handle holds the lock by borrowing the process's own.
+    pub fn is_borrowed(&self) -> bool {
+        self.borrowed
+    }
+
+    /// Whether another descriptor of *this process* holds `LOCK_EX` on the
+    /// file: the application's own flock (a migration wrapping its writes in
+    /// `flock(LOCK_EX)` while loading the extension), or one inherited from
+    /// `flock(1)` running us. `/proc/self/fdinfo/N` lists the locks owned by
+    /// the open file description behind descriptor N.
+    fn process_holds_it(&self) -> bool {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|p| p == self.canon)
+                && std::fs::read_to_string(format!(
+                    "/proc/self/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .is_ok_and(|info| {
+                    info.lines().any(|l| {
+                        l.starts_with("lock:") && l.contains("FLOCK") && l.contains("WRITE")
+                    })
+                })
+        })
     }
 
     fn check_pid(&self) -> Result<(), LockError> {
@@ -208,17 +258,35 @@ impl LockFile {
 
     /// Try to take `LOCK_EX` without blocking: `Ok(true)` taken (or already
     /// held by this handle), `Ok(false)` someone else holds it.
+    ///
+    /// When the holder is this very process through a descriptor that is not
+    /// one of our handles (see `process_holds_it`), the handle *borrows* that
+    /// lock instead of waiting for itself: other processes stay excluded by
+    /// it, and at most one handle of this process borrows at a time.
     pub fn try_lock(&mut self) -> Result<bool, LockError> {
         self.check_pid()?;
+        if self.is_held() {
+            return Ok(true);
+        }
         match std::mem::replace(&mut self.state, State::Transit) {
             State::Unlocked(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => {
                     self.state = State::Locked(locked);
+                    *ours().entry(self.key).or_default() += 1;
                     Ok(true)
                 }
                 Err((file, errno)) => {
                     self.state = State::Unlocked(file);
-                    if errno == Errno::EWOULDBLOCK || errno == Errno::EINTR {
+                    if errno == Errno::EWOULDBLOCK {
+                        let mut map = ours();
+                        let count = map.entry(self.key).or_default();
+                        if *count == 0 && self.process_holds_it() {
+                            *count += 1;
+                            self.borrowed = true;
+                            return Ok(true);
+                        }
+                        Ok(false)
+                    } else if errno == Errno::EINTR {
                         Ok(false)
                     } else {
                         Err(LockError::Flock {
@@ -236,15 +304,33 @@ impl LockFile {
         }
     }
 
+    fn forget_holding(&self) {
+        let mut map = ours();
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+
     /// Drop the lock if held. In a forked child the descriptor is shared with
     /// the parent, so nothing is done: unlocking would release the parent's lock.
     pub fn unlock(&mut self) {
         if self.check_pid().is_err() {
             return;
         }
+        if self.borrowed {
+            self.borrowed = false;
+            self.forget_holding();
+            return;
+        }
         self.state = match std::mem::replace(&mut self.state, State::Transit) {
             State::Locked(locked) => match locked.unlock() {
-                Ok(file) => State::Unlocked(file),
+                Ok(file) => {
+                    self.forget_holding();
+                    State::Unlocked(file)
+                }
                 // LOCK_UN on a valid descriptor does not fail; if it ever did,
                 // keep believing we hold it (fail closed) — close() releases it.
                 Err((locked, _)) => State::Locked(locked),
@@ -300,6 +386,7 @@ impl LockFile {
         self.check_pid()?;
         match &self.state {
             State::Locked(_) => Ok(false),
+            State::Unlocked(_) if self.borrowed => Ok(false),
             State::Unlocked(_) => {
                 let State::Unlocked(file) = std::mem::replace(&mut self.state, State::Transit)
                 else {
@@ -339,6 +426,8 @@ impl Drop for LockFile {
             if let State::Locked(locked) = std::mem::replace(&mut self.state, State::Transit) {
                 std::mem::forget(locked);
             }
+        } else if self.is_held() {
+            self.forget_holding();
         }
         // Otherwise dropping the File/Flock closes the descriptor, which
         // releases the flock. The file itself is never unlinked.
@@ -406,6 +495,30 @@ mod tests {
         // A close() of another descriptor on the file does not drop OFD locks.
         drop(std::fs::File::open(lock_path_for(&db)).unwrap());
         assert!(!b.shadow(Shadow::Read).unwrap(), "a still writes");
+    }
+
+    #[test]
+    fn borrows_the_process_own_flock_but_not_another_handles() {
+        let db = tmp().join("b.db");
+        let mut a = LockFile::open(&db).unwrap();
+        let mut b = LockFile::open(&db).unwrap();
+        // The application's own descriptor holds the lock.
+        let app = std::fs::File::open(lock_path_for(&db)).unwrap();
+        let app = Flock::lock(app, FlockArg::LockExclusiveNonblock)
+            .map_err(|e| e.1)
+            .unwrap();
+        assert!(a.try_lock().unwrap(), "borrows the process's own lock");
+        assert!(a.is_borrowed());
+        assert!(!b.try_lock().unwrap(), "only one handle borrows at a time");
+        a.unlock();
+        assert!(b.try_lock().unwrap() && b.is_borrowed());
+        b.unlock();
+        drop(app);
+        assert!(
+            a.try_lock().unwrap() && !a.is_borrowed(),
+            "a real lock once the app let go"
+        );
+        assert!(!b.try_lock().unwrap(), "a real holder is not borrowed from");
     }
 
     #[test]

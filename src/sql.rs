@@ -127,6 +127,7 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                     json!(r.lock_path.as_deref().map(vfs::display_path)),
                 );
                 o.insert("holding".into(), json!(r.holding));
+                o.insert("borrowed".into(), json!(r.borrowed));
                 o.insert("error".into(), json!(r.error));
                 o.insert("acquisitions".into(), json!(r.counters.acquisitions));
                 o.insert("contended".into(), json!(r.counters.contended));

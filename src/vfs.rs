@@ -38,6 +38,8 @@ pub(crate) struct FileState {
 pub(crate) struct HandleReport {
     pub lock_path: Option<PathBuf>,
     pub holding: bool,
+    /// Holding by borrowing this process's own flock on `<db>.lock`.
+    pub borrowed: bool,
     pub error: Option<String>,
     pub counters: Counters,
 }
@@ -412,17 +414,23 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
         return None;
     }
     let st = state(f);
-    let (holding, error, counters) = match &st.lock {
+    let (holding, borrowed, error, counters) = match &st.lock {
         Ok(Some(m)) => {
             let p = lock_proto(m);
-            (p.holds(), p.last_error.clone(), p.counters)
+            (
+                p.holds(),
+                p.flock().is_borrowed(),
+                p.last_error.clone(),
+                p.counters,
+            )
         }
-        Ok(None) => (false, None, Counters::default()),
-        Err(e) => (false, Some(e.clone()), Counters::default()),
+        Ok(None) => (false, false, None, Counters::default()),
+        Err(e) => (false, false, Some(e.clone()), Counters::default()),
     };
     Some(HandleReport {
         lock_path: st.lock_path.clone(),
         holding,
+        borrowed,
         error,
         counters,
     })

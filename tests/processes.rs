@@ -390,3 +390,81 @@ fn loading_twice_is_harmless() {
     assert!(outside_flock_free(&db));
     sh.finish();
 }
+
+/// `flock app.db.lock sqlite3 …` — a migration run under the lock: the shell
+/// inherits the locked description and must not wait for itself, while every
+/// other process stays excluded until flock(1) lets go.
+#[test]
+fn process_under_its_own_flock_is_not_locked_out() {
+    for journal in JOURNAL_MODES {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_db(&db, journal);
+            let lp = lock_path(&db);
+            let wrapper = ["flock".as_ref(), "-x".as_ref(), lp.as_os_str()];
+            let mut migration = Shell::start_wrapped(&wrapper, &db, mode);
+            migration.run(".timeout 1000");
+            let out = migration.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1); COMMIT;");
+            assert_eq!(out, "", "{journal} {mode:?}: the lock's own process writes");
+            let mut other = Shell::start(&db, mode);
+            other.run(".timeout 200");
+            let out = other.run("INSERT INTO t VALUES (2);");
+            match mode {
+                Mode::Writelock => {
+                    assert!(out.contains("database is locked"), "{journal}: {out:?}")
+                }
+                Mode::Stock => assert_eq!(out, "", "stock ignores <db>.lock"),
+            }
+            migration.finish();
+            assert_eq!(
+                other.run("INSERT INTO t VALUES (3);"),
+                "",
+                "{journal} {mode:?}"
+            );
+            other.finish();
+        }
+    }
+}
+
+/// The application's own `flock(LOCK_EX)` on `<db>.lock` (the usual fix) in
+/// the same process that loads the extension: its writes proceed (Debian's
+/// python3, whose sqlite3 module can load extensions, on the system SQLite).
+#[test]
+fn app_level_flock_in_the_same_process() {
+    let py = Path::new("/usr/bin/python3");
+    if !py.exists() {
+        eprintln!("skipped: no /usr/bin/python3");
+        return;
+    }
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "wal");
+    let script = r#"
+import fcntl, sqlite3, sys
+db, so = sys.argv[1], sys.argv[2]
+lock = open(db + ".lock", "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+boot = sqlite3.connect(":memory:")
+boot.enable_load_extension(True)
+boot.load_extension(so)
+con = sqlite3.connect(db, timeout=1)
+with con:
+    con.execute("INSERT INTO t VALUES (1)")
+print(con.execute("SELECT json_extract(writelock_status(), '$.databases[0].protected')").fetchone()[0])
+"#;
+    let out = std::process::Command::new(py)
+        .args(["-c", script])
+        .arg(&db)
+        .arg(writelock_tests::so_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("enable_load_extension") {
+        eprintln!("skipped: this python3 cannot load extensions");
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    assert_eq!(count(&db), 2);
+}

@@ -143,7 +143,19 @@ impl Shell {
     /// is [`Mode::Writelock`]. stdout and stderr share one pipe, so `run`
     /// returns errors in order with results.
     pub fn start(db: &Path, mode: Mode) -> Shell {
-        let mut cmd = Command::new("sqlite3");
+        Shell::start_wrapped(&[], db, mode)
+    }
+
+    /// [`Shell::start`] under a wrapper command, e.g. `["flock", "-x", "app.db.lock"]`.
+    pub fn start_wrapped(wrapper: &[&std::ffi::OsStr], db: &Path, mode: Mode) -> Shell {
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg("sqlite3");
+                c
+            }
+            None => Command::new("sqlite3"),
+        };
         cmd.arg("-batch").arg("-noheader").arg("-list");
         if mode == Mode::Writelock {
             cmd.arg("-cmd")

@@ -468,3 +468,70 @@ print(con.execute("SELECT json_extract(writelock_status(), '$.databases[0].prote
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     assert_eq!(count(&db), 2);
 }
+
+/// A connection used in a `fork()`ed child must not act on the parent's lock
+/// (the descriptors are shared): the child's write fails, the parent's lock
+/// and data are intact. Stock SQLite lets the child write.
+#[test]
+fn connection_used_after_fork_is_refused() {
+    let py = Path::new("/usr/bin/python3");
+    if !py.exists() {
+        eprintln!("skipped: no /usr/bin/python3");
+        return;
+    }
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_db(&db, "delete");
+        let script = r#"
+import os, sqlite3, sys
+db, so, vfs = sys.argv[1], sys.argv[2], sys.argv[3]
+boot = sqlite3.connect(":memory:")
+boot.enable_load_extension(True)
+boot.load_extension(so)
+con = sqlite3.connect(f"file:{db}?vfs={vfs}", uri=True, timeout=0, isolation_level=None)
+con.execute("SELECT count(*) FROM t").fetchone()
+pid = os.fork()
+if pid == 0:
+    try:
+        con.execute("INSERT INTO t VALUES (1)")
+        os._exit(0)
+    except sqlite3.Error as e:
+        print("child:", e, flush=True)
+        os._exit(3)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status))
+con.execute("BEGIN IMMEDIATE"); con.execute("INSERT INTO t VALUES (2)"); con.execute("COMMIT")
+print("parent ok")
+"#;
+        let out = std::process::Command::new(py)
+            .args(["-c", script])
+            .arg(&db)
+            .arg(writelock_tests::so_path())
+            .arg(mode.vfs())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("enable_load_extension") {
+            eprintln!("skipped: this python3 cannot load extensions");
+            return;
+        }
+        assert!(out.status.success(), "{stderr}");
+        assert!(stdout.contains("parent ok"), "{stdout}");
+        match mode {
+            Mode::Writelock => {
+                assert!(
+                    stdout.contains("child: disk I/O error") && stdout.contains("child exit 3"),
+                    "{stdout}"
+                );
+                assert_eq!(count(&db), 2);
+            }
+            Mode::Stock => {
+                assert!(stdout.contains("child exit 0"), "{stdout}");
+                assert_eq!(count(&db), 3);
+            }
+        }
+        assert!(outside_flock_free(&db));
+    }
+}

@@ -7,6 +7,8 @@
 //!
 //! Layout:
 //! * [`lockfile`] — `<db>.lock`: safe open, `flock`, errors (pure Rust).
+//! * [`holder`] — who holds it: `/proc/locks` and the holder record (pure Rust).
+//! * [`options`] — per-connection options from URI parameters and PRAGMAs.
 //! * [`protocol`] — when a handle is a writer and so must hold the lock (pure Rust).
 //! * `vfs` — the FFI shim over the default VFS.
 //! * `sql` — `writelock_version()`, `writelock_status()`, the auto-extension.
@@ -16,7 +18,9 @@ use std::sync::OnceLock;
 
 use libsqlite3_sys as ffi;
 
+pub mod holder;
 pub mod lockfile;
+pub mod options;
 pub mod protocol;
 mod sql;
 pub mod stats;
@@ -32,22 +36,30 @@ pub(crate) fn log_error(rc: c_int, msg: &str) {
     unsafe { ffi::sqlite3_log(rc, c"%s".as_ptr(), c.as_ptr()) }
 }
 
+/// A copy of `msg` in memory from `sqlite3_malloc`, for SQLite to free
+/// (NULL if out of memory).
+pub(crate) fn sqlite_strdup(msg: &str) -> *mut c_char {
+    let bytes = msg.as_bytes();
+    // SAFETY: sqlite3_malloc returns NULL or a block of the requested size;
+    // we write exactly `len` bytes and the NUL into it.
+    unsafe {
+        let p = ffi::sqlite3_malloc(bytes.len() as c_int + 1) as *mut u8;
+        if !p.is_null() {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+            *p.add(bytes.len()) = 0;
+        }
+        p as *mut c_char
+    }
+}
+
 /// Put `msg` into an extension's `char **pzErrMsg`, allocated by SQLite.
 ///
 /// # Safety
 /// `slot` is NULL or the error-message slot SQLite passed to an entry point.
 pub(crate) unsafe fn set_errmsg(slot: *mut *mut c_char, msg: &str) {
-    if slot.is_null() {
-        return;
+    if !slot.is_null() {
+        *slot = sqlite_strdup(msg);
     }
-    let bytes = msg.as_bytes();
-    let p = ffi::sqlite3_malloc(bytes.len() as c_int + 1) as *mut u8;
-    if !p.is_null() {
-        // SAFETY: `p` has room for the bytes and the NUL we write.
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
-        *p.add(bytes.len()) = 0;
-    }
-    *slot = p as *mut c_char;
 }
 
 /// Why [`register`] failed: the SQLite result code.

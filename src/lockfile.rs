@@ -271,6 +271,7 @@ impl LockFile {
         match std::mem::replace(&mut self.state, State::Transit) {
             State::Unlocked(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => {
+                    crate::holder::write_record(&locked);
                     self.state = State::Locked(locked);
                     *ours().entry(self.key).or_default() += 1;
                     Ok(true)

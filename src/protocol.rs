@@ -29,6 +29,7 @@
 use std::time::{Duration, Instant};
 
 use crate::lockfile::{LockError, Shadow};
+use crate::options::Options;
 use libsqlite3_sys as ffi;
 
 /// The lock on `<db>.lock`, as the protocol needs it (a trait so tests can fake it).
@@ -41,6 +42,10 @@ pub trait WriterFlock {
     fn held_elsewhere(&mut self) -> Result<bool, LockError>;
     /// Set the shadow lock without blocking: `Ok(false)` when it conflicts.
     fn shadow(&mut self, to: Shadow) -> Result<bool, LockError>;
+    /// Who holds the lock now, for a log message (None if unknown).
+    fn describe_holder(&self) -> Option<String> {
+        None
+    }
 }
 
 impl WriterFlock for crate::lockfile::LockFile {
@@ -56,6 +61,14 @@ impl WriterFlock for crate::lockfile::LockFile {
     fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
         crate::lockfile::LockFile::shadow(self, to)
     }
+    fn describe_holder(&self) -> Option<String> {
+        let h = crate::holder::current_holder(self.path())?;
+        let cmd = crate::holder::cmdline(h.pid).unwrap_or_else(|| "?".into());
+        Some(match h.held_for {
+            Some(d) => format!("pid {} ({cmd}) for {} ms", h.pid, d.as_millis()),
+            None => format!("pid {} ({cmd})", h.pid),
+        })
+    }
 }
 
 /// Counters for one handle. `contended` counts non-blocking attempts that
@@ -66,7 +79,20 @@ pub struct Counters {
     pub acquisitions: u64,
     pub contended: u64,
     pub busy: u64,
+    /// Time from a first contended attempt to the acquisition that ended it
+    /// (attempts more than [`EPISODE_GAP`] apart start a new wait).
+    pub wait_total: Duration,
+    pub wait_max: Duration,
+    /// Time from acquisition to release.
+    pub hold_total: Duration,
+    pub hold_max: Duration,
 }
+
+/// Attempts further apart than this belong to different waits.
+pub const EPISODE_GAP: Duration = Duration::from_secs(1);
+
+/// `SQLITE_BUSY` log lines per handle are at most this frequent.
+const BUSY_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Why the handle is a writer; the flock is held while any bit is set.
 mod why {
@@ -80,10 +106,10 @@ const SLOT_CKPT: u32 = 1 << 1;
 /// WAL read-mark slots (3..8): holding one means a read transaction is open.
 const READ_SLOTS: u32 = !0b111;
 
-/// How long a checkpoint (auto or `PRAGMA wal_checkpoint`) polls for the
-/// flock before reporting busy. Without it the committer's auto-checkpoint
-/// loses to the next writer every time and the WAL only grows.
-pub const CHECKPOINT_PATIENCE: Duration = Duration::from_millis(100);
+// A checkpoint (auto or `PRAGMA wal_checkpoint`) polls for the flock up to
+// `Options::checkpoint_wait` before reporting busy. Without it the
+// committer's auto-checkpoint loses to the next writer every time and the WAL
+// only grows.
 
 /// Per-handle lock state. Generic over the flock so tests can inject failures.
 pub struct Protocol<F> {
@@ -96,8 +122,16 @@ pub struct Protocol<F> {
     held: bool,
     /// Last error from the lock file, kept for messages and status.
     pub last_error: Option<String>,
-    /// An error not yet written to SQLite's log (the shim drains it).
+    /// An error or warning not yet written to SQLite's log (the shim drains it).
     pub unlogged: Option<(i32, String)>,
+    /// Options in force (URI parameters, PRAGMAs).
+    pub options: Options,
+    /// The database path, for log messages.
+    pub label: String,
+    wait_since: Option<Instant>,
+    last_attempt: Option<Instant>,
+    held_since: Option<Instant>,
+    last_busy_log: Option<Instant>,
     pub counters: Counters,
 }
 
@@ -122,6 +156,12 @@ impl<F: WriterFlock> Protocol<F> {
             held: false,
             last_error: None,
             unlogged: None,
+            options: Options::default(),
+            label: String::new(),
+            wait_since: None,
+            last_attempt: None,
+            held_since: None,
+            last_busy_log: None,
             counters: Counters::default(),
         }
     }
@@ -163,16 +203,11 @@ impl<F: WriterFlock> Protocol<F> {
                 got = self.flock.try_acquire();
             }
             match got {
-                Ok(true) => {
-                    self.held = true;
-                    self.counters.acquisitions += 1;
-                    crate::stats::GLOBAL.acquired();
-                }
+                Ok(true) => self.acquired(),
                 Ok(false) => {
                     self.counters.contended += 1;
-                    self.counters.busy += 1;
-                    crate::stats::GLOBAL.busy();
-                    return Err(ffi::SQLITE_BUSY);
+                    self.contended();
+                    return Err(self.busy());
                 }
                 Err(e) => {
                     let rc = match e {
@@ -190,12 +225,67 @@ impl<F: WriterFlock> Protocol<F> {
         Ok(())
     }
 
+    fn acquired(&mut self) {
+        let now = Instant::now();
+        self.held = true;
+        self.held_since = Some(now);
+        self.counters.acquisitions += 1;
+        crate::stats::GLOBAL.acquired();
+        if let Some(t0) = self.wait_since.take() {
+            let w = now - t0;
+            self.counters.wait_total += w;
+            self.counters.wait_max = self.counters.wait_max.max(w);
+        }
+    }
+
+    /// A refused attempt: start or continue a wait, and say who holds the
+    /// lock (at most once a second per handle).
+    fn contended(&mut self) {
+        let now = Instant::now();
+        if self.last_attempt.is_none_or(|t| now - t > EPISODE_GAP) {
+            self.wait_since = Some(now);
+        }
+        self.last_attempt = Some(now);
+        if self.last_busy_log.is_none_or(|t| now - t >= BUSY_LOG_EVERY) {
+            self.last_busy_log = Some(now);
+            let who = self
+                .flock
+                .describe_holder()
+                .unwrap_or_else(|| "another process".into());
+            let msg = format!(
+                "writelock: {} is locked by {who}; returning SQLITE_BUSY",
+                self.label
+            );
+            self.unlogged.get_or_insert((ffi::SQLITE_BUSY, msg));
+        }
+    }
+
+    fn release(&mut self) {
+        self.flock.release();
+        self.held = false;
+        if let Some(t0) = self.held_since.take() {
+            let h = t0.elapsed();
+            self.counters.hold_total += h;
+            self.counters.hold_max = self.counters.hold_max.max(h);
+            let warn = self.options.hold_warn;
+            if !warn.is_zero() && h >= warn {
+                let msg = format!(
+                    "writelock: process {} held the write lock on {} for {} ms (warning threshold {} ms)",
+                    std::process::id(),
+                    self.label,
+                    h.as_millis(),
+                    warn.as_millis()
+                );
+                self.unlogged.get_or_insert((ffi::SQLITE_WARNING, msg));
+            }
+        }
+    }
+
     /// Drop a reason; releases the flock when none is left.
     fn leave(&mut self, reason: u8) {
         self.why &= !reason;
         if self.why == 0 && self.held {
-            self.flock.release();
-            self.held = false;
+            self.release();
         }
     }
 
@@ -356,7 +446,7 @@ impl<F: WriterFlock> Protocol<F> {
                     // nothing a writer needs is held, and SQLite gives the
                     // checkpoint lock a single try (no busy handler).
                     let patience = if reason == why::WAL_CKPT && !reading {
-                        CHECKPOINT_PATIENCE
+                        self.options.checkpoint_wait
                     } else {
                         Duration::ZERO
                     };
@@ -415,8 +505,7 @@ impl<F: WriterFlock> Protocol<F> {
         }
         self.why = 0;
         if self.held {
-            self.flock.release();
-            self.held = false;
+            self.release();
         }
         self.level = ffi::SQLITE_LOCK_NONE;
         self.shm_excl = 0;
@@ -690,6 +779,30 @@ mod tests {
         assert!(h.holds());
         h.close();
         assert_eq!(h.shadow_held(), Shadow::Unlocked);
+    }
+
+    #[test]
+    fn waits_and_holds_are_timed() {
+        let mut h = p();
+        h.lock(SHARED, || SQLITE_OK);
+        h.flock.contended = true;
+        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_BUSY);
+        assert!(h
+            .unlogged
+            .take()
+            .is_some_and(|(_, m)| m.contains("returning SQLITE_BUSY")));
+        std::thread::sleep(Duration::from_millis(5));
+        h.flock.contended = false;
+        h.lock(RES, || SQLITE_OK);
+        assert!(h.counters.wait_max >= Duration::from_millis(5));
+        h.options.hold_warn = Duration::from_millis(1);
+        std::thread::sleep(Duration::from_millis(2));
+        h.unlock(SHARED, || SQLITE_OK);
+        assert!(h.counters.hold_max >= Duration::from_millis(2));
+        assert!(h
+            .unlogged
+            .take()
+            .is_some_and(|(c, m)| c == ffi::SQLITE_WARNING && m.contains("held the write lock")));
     }
 
     #[test]

@@ -129,9 +129,33 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                 o.insert("holding".into(), json!(r.holding));
                 o.insert("borrowed".into(), json!(r.borrowed));
                 o.insert("error".into(), json!(r.error));
-                o.insert("acquisitions".into(), json!(r.counters.acquisitions));
-                o.insert("contended".into(), json!(r.counters.contended));
-                o.insert("busy".into(), json!(r.counters.busy));
+                let c = r.counters;
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+                o.insert("acquisitions".into(), json!(c.acquisitions));
+                o.insert("contended".into(), json!(c.contended));
+                o.insert("busy".into(), json!(c.busy));
+                o.insert("wait_total_ms".into(), json!(ms(c.wait_total)));
+                o.insert("wait_max_ms".into(), json!(ms(c.wait_max)));
+                o.insert("hold_total_ms".into(), json!(ms(c.hold_total)));
+                o.insert("hold_max_ms".into(), json!(ms(c.hold_max)));
+                let holder = r
+                    .lock_path
+                    .as_deref()
+                    .and_then(crate::holder::current_holder);
+                o.insert("holder_pid".into(), json!(holder.as_ref().map(|h| h.pid)));
+                o.insert(
+                    "held_for_ms".into(),
+                    json!(holder
+                        .and_then(|h| h.held_for)
+                        .map(|d| d.as_millis() as u64)),
+                );
+                o.insert(
+                    "options".into(),
+                    json!({
+                        "hold_warn_ms": r.options.hold_warn.as_millis() as u64,
+                        "checkpoint_wait_ms": r.options.checkpoint_wait.as_millis() as u64,
+                    }),
+                );
             }
             None => {
                 o.insert("protected".into(), json!(false));

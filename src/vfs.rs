@@ -17,7 +17,11 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use libsqlite3_sys as ffi;
 
 use crate::lockfile::{lock_path_for, LockFile};
+use crate::options::{Options, NAMES};
 use crate::protocol::{Counters, Protocol};
+
+/// `SQLITE_FCNTL_LOCK_TIMEOUT` (sqlite3.h, 3.25+; newer than our bindings).
+const SQLITE_FCNTL_LOCK_TIMEOUT: c_int = 34;
 
 /// The VFS name users see: `file:app.db?vfs=writelock`, `writelock_status()`.
 pub const VFS_NAME: &CStr = c"writelock";
@@ -40,6 +44,8 @@ pub(crate) struct HandleReport {
     pub holding: bool,
     /// Holding by borrowing this process's own flock on `<db>.lock`.
     pub borrowed: bool,
+    /// Options in force.
+    pub options: Options,
     pub error: Option<String>,
     pub counters: Counters,
 }
@@ -135,6 +141,28 @@ unsafe fn with_proto(
             ffi::SQLITE_CANTOPEN
         }
     }
+}
+
+/// `PRAGMA writelock_…[=value]` on one handle: the value in force, or an
+/// error naming the option and the cause.
+fn pragma(st: &FileState, name: &str, value: Option<&str>) -> Result<String, String> {
+    let Ok(Some(m)) = &st.lock else {
+        // Validate all the same, so a typo is reported as such.
+        let mut o = Options::default();
+        if let Some(v) = value {
+            o.set(name, v)?;
+            return Err(format!(
+                "writelock: {name} has no effect: this connection takes no write lock on this \
+                 database (read-only, immutable, temporary, or a lock-file error)"
+            ));
+        }
+        return o.get(name);
+    };
+    let mut p = lock_proto(m);
+    if let Some(v) = value {
+        p.options.set(name, v)?;
+    }
+    p.options.get(name)
 }
 
 /// Whether a rollback journal exists with a non-zero first byte — what SQLite
@@ -264,8 +292,31 @@ unsafe extern "C" fn x_file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    // SAFETY: delegation.
+    // SAFETY: our file (our methods). For SQLITE_FCNTL_PRAGMA, SQLite passes
+    // `char*[3]`: [0] result/error out, [1] the name, [2] the value or NULL.
     guard(ffi::SQLITE_IOERR, || unsafe {
+        let protected = matches!(state(f).lock, Ok(Some(_)));
+        // Builds with SQLITE_ENABLE_SETLK_TIMEOUT take the WAL write lock
+        // before any read lock once blocking locks are enabled, which this
+        // shim would take for WAL recovery. Say "not supported" on protected
+        // handles, so SQLite keeps the ordinary order.
+        if op == SQLITE_FCNTL_LOCK_TIMEOUT && protected {
+            return ffi::SQLITE_NOTFOUND;
+        }
+        if op == ffi::SQLITE_FCNTL_PRAGMA {
+            let a = arg as *mut *mut c_char;
+            let name = CStr::from_ptr(*a.add(1)).to_string_lossy();
+            if Options::owns(&name) {
+                let v = *a.add(2);
+                let value = (!v.is_null()).then(|| CStr::from_ptr(v).to_string_lossy());
+                let (rc, msg) = match pragma(state(f), &name, value.as_deref()) {
+                    Ok(v) => (ffi::SQLITE_OK, v),
+                    Err(e) => (ffi::SQLITE_ERROR, e),
+                };
+                *a = crate::sqlite_strdup(&msg);
+                return rc;
+            }
+        }
         inner_call!(f, xFileControl, op, arg)
     })
 }
@@ -414,23 +465,32 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
         return None;
     }
     let st = state(f);
-    let (holding, borrowed, error, counters) = match &st.lock {
+    let (holding, borrowed, error, counters, options) = match &st.lock {
         Ok(Some(m)) => {
             let p = lock_proto(m);
+            let borrowed = p.flock().is_borrowed();
             (
                 p.holds(),
-                p.flock().is_borrowed(),
+                borrowed,
                 p.last_error.clone(),
                 p.counters,
+                p.options,
             )
         }
-        Ok(None) => (false, false, None, Counters::default()),
-        Err(e) => (false, false, Some(e.clone()), Counters::default()),
+        Ok(None) => (false, false, None, Counters::default(), Options::default()),
+        Err(e) => (
+            false,
+            false,
+            Some(e.clone()),
+            Counters::default(),
+            Options::default(),
+        ),
     };
     Some(HandleReport {
         lock_path: st.lock_path.clone(),
         holding,
         borrowed,
+        options,
         error,
         counters,
     })
@@ -446,6 +506,22 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
 /// [`register_vfs`], never freed).
 unsafe fn ivfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
     (*vfs).pAppData as *mut ffi::sqlite3_vfs
+}
+
+/// Options from the URI parameters of a main-db filename.
+///
+/// # Safety
+/// `name` is a non-NULL main-db filename as SQLite passes it to xOpen.
+unsafe fn uri_options(name: *const c_char) -> Result<Options, String> {
+    let mut o = Options::default();
+    for key in NAMES {
+        let k = std::ffi::CString::new(key).expect("no NUL in option names");
+        let v = ffi::sqlite3_uri_parameter(name, k.as_ptr());
+        if !v.is_null() {
+            o.set(key, &CStr::from_ptr(v).to_string_lossy())?;
+        }
+    }
+    Ok(o)
 }
 
 fn needs_lock_file(name: *const c_char, out_flags: c_int) -> bool {
@@ -500,13 +576,22 @@ unsafe extern "C" fn v_open(
             };
             let (lock_path, lock) = if needs_lock_file(name, oflags) {
                 let lp = lock_path_for(&db_path);
-                let lock = match LockFile::open(&db_path) {
-                    Ok(lf) => Ok(Some(Mutex::new(Protocol::new(lf)))),
+                let lock = match uri_options(name).and_then(|o| {
+                    LockFile::open(&db_path)
+                        .map(|lf| (o, lf))
+                        .map_err(|e| e.to_string())
+                }) {
+                    Ok((options, lf)) => {
+                        let mut p = Protocol::new(lf);
+                        p.options = options;
+                        p.label = db_path.to_string_lossy().into_owned();
+                        Ok(Some(Mutex::new(p)))
+                    }
                     Err(e) => {
                         // Fail closed: the handle opens (so the connection can
                         // report this message) but refuses every lock.
-                        crate::log_error(ffi::SQLITE_CANTOPEN, &e.to_string());
-                        Err(e.to_string())
+                        crate::log_error(ffi::SQLITE_CANTOPEN, &e);
+                        Err(e)
                     }
                 };
                 (Some(lp), lock)

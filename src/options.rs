@@ -1,0 +1,94 @@
+//! Per-connection options: URI parameters at open (`?writelock_hold_warn_ms=`)
+//! and `PRAGMA writelock_…` afterwards. Pure parsing, no SQLite.
+
+use std::time::Duration;
+
+/// The options of one handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// A hold at least this long logs a warning through `sqlite3_log`
+    /// (zero: never).
+    pub hold_warn: Duration,
+    /// How long a checkpoint polls for the flock before reporting busy.
+    pub checkpoint_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            hold_warn: Duration::from_secs(5),
+            checkpoint_wait: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Every option name, as URI parameter and PRAGMA.
+pub const NAMES: [&str; 2] = ["writelock_hold_warn_ms", "writelock_checkpoint_wait_ms"];
+
+const MAX_MS: u64 = 3_600_000;
+
+fn parse_ms(name: &str, value: &str) -> Result<Duration, String> {
+    match value.trim().parse::<u64>() {
+        Ok(ms) if ms <= MAX_MS => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "writelock: bad value '{value}' for {name}: expected whole milliseconds from 0 to {MAX_MS}"
+        )),
+    }
+}
+
+impl Options {
+    /// Whether `name` is one of ours (`writelock_` prefix, any case).
+    pub fn owns(name: &str) -> bool {
+        name.to_ascii_lowercase().starts_with("writelock_")
+    }
+
+    /// Set `name` to `value`; an error names the option and the cause.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        match name.to_ascii_lowercase().as_str() {
+            "writelock_hold_warn_ms" => self.hold_warn = parse_ms(name, value)?,
+            "writelock_checkpoint_wait_ms" => self.checkpoint_wait = parse_ms(name, value)?,
+            _ => return Err(unknown(name)),
+        }
+        Ok(())
+    }
+
+    /// The current value of `name`, as the PRAGMA returns it.
+    pub fn get(&self, name: &str) -> Result<String, String> {
+        match name.to_ascii_lowercase().as_str() {
+            "writelock_hold_warn_ms" => Ok(self.hold_warn.as_millis().to_string()),
+            "writelock_checkpoint_wait_ms" => Ok(self.checkpoint_wait.as_millis().to_string()),
+            _ => Err(unknown(name)),
+        }
+    }
+}
+
+fn unknown(name: &str) -> String {
+    format!(
+        "writelock: unknown option {name} (known: {})",
+        NAMES.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_and_errors_name_the_option() {
+        let mut o = Options::default();
+        o.set("writelock_hold_warn_ms", " 250 ").unwrap();
+        assert_eq!(o.get("WRITELOCK_HOLD_WARN_MS").unwrap(), "250");
+        let e = o.set("writelock_checkpoint_wait_ms", "-1").unwrap_err();
+        assert!(
+            e.contains("writelock_checkpoint_wait_ms") && e.contains("'-1'"),
+            "{e}"
+        );
+        let e = o.set("writelock_nope", "1").unwrap_err();
+        assert!(e.contains("unknown option writelock_nope"), "{e}");
+        assert_eq!(
+            o.checkpoint_wait,
+            Duration::from_millis(100),
+            "unchanged on error"
+        );
+    }
+}

@@ -20,6 +20,7 @@ use libsqlite3_sys as ffi;
 
 pub mod holder;
 pub mod lockfile;
+pub mod netfs;
 pub mod options;
 pub mod protocol;
 mod sql;

@@ -216,6 +216,18 @@ impl LockFile {
         self.borrowed || matches!(self.state, State::Locked(_))
     }
 
+    /// Let child processes inherit the descriptor (clear `FD_CLOEXEC`), as
+    /// `flock(1)` does: a child's own connections then borrow the lock.
+    pub fn inherit_to_children(&self) -> Result<(), LockError> {
+        use nix::fcntl::{FcntlArg, FdFlag};
+        nix::fcntl::fcntl(self.file(), FcntlArg::F_SETFD(FdFlag::empty()))
+            .map(drop)
+            .map_err(|errno| LockError::Flock {
+                path: self.path.clone(),
+                errno,
+            })
+    }
+
     /// Whether this handle holds the lock by borrowing the process's own.
     pub fn is_borrowed(&self) -> bool {
         self.borrowed

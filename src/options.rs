@@ -11,6 +11,8 @@ pub struct Options {
     pub hold_warn: Duration,
     /// How long a checkpoint polls for the flock before reporting busy.
     pub checkpoint_wait: Duration,
+    /// Open databases on network/FUSE filesystems anyway (URI only).
+    pub allow_network_fs: bool,
 }
 
 impl Default for Options {
@@ -18,12 +20,17 @@ impl Default for Options {
         Options {
             hold_warn: Duration::from_secs(5),
             checkpoint_wait: Duration::from_millis(100),
+            allow_network_fs: false,
         }
     }
 }
 
 /// Every option name, as URI parameter and PRAGMA.
-pub const NAMES: [&str; 2] = ["writelock_hold_warn_ms", "writelock_checkpoint_wait_ms"];
+pub const NAMES: [&str; 3] = [
+    "writelock_hold_warn_ms",
+    "writelock_checkpoint_wait_ms",
+    "writelock_allow_network_fs",
+];
 
 const MAX_MS: u64 = 3_600_000;
 
@@ -33,6 +40,14 @@ fn parse_ms(name: &str, value: &str) -> Result<Duration, String> {
         _ => Err(format!(
             "writelock: bad value '{value}' for {name}: expected whole milliseconds from 0 to {MAX_MS}"
         )),
+    }
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("writelock: bad value '{value}' for {name}: expected 1 or 0 (true/false, yes/no, on/off)")),
     }
 }
 
@@ -47,6 +62,7 @@ impl Options {
         match name.to_ascii_lowercase().as_str() {
             "writelock_hold_warn_ms" => self.hold_warn = parse_ms(name, value)?,
             "writelock_checkpoint_wait_ms" => self.checkpoint_wait = parse_ms(name, value)?,
+            "writelock_allow_network_fs" => self.allow_network_fs = parse_bool(name, value)?,
             _ => return Err(unknown(name)),
         }
         Ok(())
@@ -57,6 +73,7 @@ impl Options {
         match name.to_ascii_lowercase().as_str() {
             "writelock_hold_warn_ms" => Ok(self.hold_warn.as_millis().to_string()),
             "writelock_checkpoint_wait_ms" => Ok(self.checkpoint_wait.as_millis().to_string()),
+            "writelock_allow_network_fs" => Ok(u8::from(self.allow_network_fs).to_string()),
             _ => Err(unknown(name)),
         }
     }

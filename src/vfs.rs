@@ -160,6 +160,11 @@ fn pragma(st: &FileState, name: &str, value: Option<&str>) -> Result<String, Str
     };
     let mut p = lock_proto(m);
     if let Some(v) = value {
+        if name.eq_ignore_ascii_case("writelock_allow_network_fs") {
+            return Err(format!(
+                "writelock: {name} applies at open only: give it as a URI parameter"
+            ));
+        }
         p.options.set(name, v)?;
     }
     p.options.get(name)
@@ -577,6 +582,7 @@ unsafe extern "C" fn v_open(
             let (lock_path, lock) = if needs_lock_file(name, oflags) {
                 let lp = lock_path_for(&db_path);
                 let lock = match uri_options(name).and_then(|o| {
+                    crate::netfs::check(&db_path, o.allow_network_fs)?;
                     LockFile::open(&db_path)
                         .map(|lf| (o, lf))
                         .map_err(|e| e.to_string())

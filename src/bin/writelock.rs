@@ -1,0 +1,243 @@
+//! `writelock` — see and use the write lock of an SQLite database from the shell.
+//!
+//! ```text
+//! writelock status DB [--json]          who holds DB's write lock, since when
+//! writelock run DB [--timeout S] -- CMD run CMD while holding the write lock
+//! writelock watch DB [--for S]          print holder changes and hold times
+//! ```
+//! Exit codes are listed in `--help` (and the README).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use writelock::holder::{cmdline, current_holder, now_ms};
+use writelock::lockfile::{lock_path_for, LockFile};
+
+const EXIT_HELP: &str = "\
+Exit codes:
+  0    success (run: the command's own status is passed through)
+  2    usage error
+  73   the lock file cannot be opened or created (the message says why)
+  75   run: the lock was not free within --timeout
+  126  run: the command could not be executed
+  127  run: the command was not found
+  128+N run: the command was killed by signal N";
+
+/// See and use the write lock (`<db>.lock`) that sqlite-writelock connections
+/// hold while they write.
+#[derive(Parser)]
+#[command(version, about, after_help = EXIT_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Show whether DB's write lock is held, by which process, for how long.
+    Status {
+        /// The database file (its lock file is DB.lock).
+        db: PathBuf,
+        /// Print JSON: {"db","lock_file","exists","held","holder_pid","holder_cmdline","held_for_ms"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command while holding DB's write lock (no connection using the
+    /// extension writes meanwhile): backups, file copies, migrations.
+    Run {
+        /// The database file.
+        db: PathBuf,
+        /// Give up after this many seconds (default: wait as long as it takes).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print every change of holder and each hold's duration until interrupted.
+    Watch {
+        /// The database file.
+        db: PathBuf,
+        /// Poll interval in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        /// Stop after this many seconds.
+        #[arg(long = "for", value_name = "SECS")]
+        duration: Option<f64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Status { db, json } => status(&db, json),
+        Cmd::Run {
+            db,
+            timeout,
+            command,
+        } => run(&db, timeout, &command),
+        Cmd::Watch {
+            db,
+            interval_ms,
+            duration,
+        } => watch(&db, Duration::from_millis(interval_ms.max(1)), duration),
+    }
+}
+
+fn status(db: &Path, json: bool) -> ExitCode {
+    let lock = lock_path_for(db);
+    let exists = lock.exists();
+    let h = current_holder(&lock);
+    let pid = h.as_ref().map(|h| h.pid);
+    let cmd = pid.and_then(cmdline);
+    let held_for = h
+        .as_ref()
+        .and_then(|h| h.held_for)
+        .map(|d| d.as_millis() as u64);
+    if json {
+        let v = serde_json::json!({
+            "db": db.to_string_lossy(),
+            "lock_file": lock.to_string_lossy(),
+            "exists": exists,
+            "held": h.is_some(),
+            "holder_pid": pid,
+            "holder_cmdline": cmd,
+            "held_for_ms": held_for,
+        });
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "lock file: {}{}",
+        lock.display(),
+        if exists { "" } else { " (does not exist yet)" }
+    );
+    match pid {
+        None => println!("state:     free"),
+        Some(pid) => {
+            println!("state:     held");
+            println!("holder:    pid {pid} ({})", cmd.as_deref().unwrap_or("?"));
+            match held_for {
+                Some(ms) => println!("held for:  {ms} ms"),
+                None => println!("held for:  unknown (the holder left no record, e.g. flock(1))"),
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
+    let mut lock = match LockFile::open(db) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(73);
+        }
+    };
+    let deadline = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    loop {
+        match lock.try_lock() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(73);
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let who = current_holder(lock.path())
+                .map(|h| {
+                    format!(
+                        " (held by pid {} {})",
+                        h.pid,
+                        cmdline(h.pid).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            eprintln!(
+                "writelock: {} was not free within {}s{who}",
+                lock.path().display(),
+                timeout.unwrap_or(0.0)
+            );
+            return ExitCode::from(75);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The command inherits the locked descriptor, as under flock(1): a
+    // connection of its own then borrows the lock instead of waiting for us.
+    if let Err(e) = lock.inherit_to_children() {
+        eprintln!("writelock: {e}");
+    }
+    let status = Command::new(&command[0]).args(&command[1..]).status();
+    match status {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt;
+            let code = st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!("writelock: cannot run {}: {e}", command[0]);
+            ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            })
+        }
+    }
+}
+
+/// `HH:MM:SS.mmm` (UTC) for log lines.
+fn clock() -> String {
+    let ms = now_ms();
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
+    let lock = lock_path_for(db);
+    let end = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    println!("{} watching {}", clock(), lock.display());
+    let mut current: Option<(u32, Instant)> = None;
+    loop {
+        let now = current_holder(&lock).map(|h| h.pid);
+        match (current, now) {
+            (None, Some(pid)) => {
+                println!(
+                    "{} held  by pid {pid} ({})",
+                    clock(),
+                    cmdline(pid).unwrap_or_default()
+                );
+                current = Some((pid, Instant::now()));
+            }
+            (Some((old, t0)), now) if now != Some(old) => {
+                println!(
+                    "{} free  pid {old} held it {} ms",
+                    clock(),
+                    t0.elapsed().as_millis()
+                );
+                current = None;
+                if let Some(pid) = now {
+                    println!(
+                        "{} held  by pid {pid} ({})",
+                        clock(),
+                        cmdline(pid).unwrap_or_default()
+                    );
+                    current = Some((pid, Instant::now()));
+                }
+            }
+            _ => {}
+        }
+        if end.is_some_and(|e| Instant::now() >= e) {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(every);
+    }
+}

@@ -553,10 +553,12 @@ mod tests {
             Ok(self.contended)
         }
         fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
+            // Holding the write lock ourselves, nobody else holds anything.
+            let mine = self.shadow == Some(Shadow::Write);
             let ok = match to {
                 Shadow::Unlocked => true,
-                Shadow::Read => !self.other_writing,
-                Shadow::Write => !self.other_writing && !self.others_reading,
+                Shadow::Read => mine || !self.other_writing,
+                Shadow::Write => mine || (!self.other_writing && !self.others_reading),
             };
             if ok {
                 self.shadow = Some(to);
@@ -853,5 +855,122 @@ mod tests {
             SQLITE_OK,
             "recovery passes"
         );
+    }
+
+    mod model {
+        //! Random sequences of SQLite lock calls, with injected inner failures
+        //! and contention, checked against the protocol's invariants. The
+        //! fake flock itself panics on a double acquire or a stray release.
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Lock(i32),
+            Unlock(i32),
+            Shm { ofst: i32, n: i32, flags: i32 },
+            ShmUnmap,
+            CheckReserved,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let shm_flags = prop_oneof![Just(XL), Just(XU), Just(SL), Just(SU)];
+            prop_oneof![
+                (1..=4i32)
+                    .prop_filter("no PENDING", |l| *l != 3)
+                    .prop_map(Op::Lock),
+                prop_oneof![Just(NONE), Just(SHARED)].prop_map(Op::Unlock),
+                (0..8i32, 1..=3i32, shm_flags).prop_map(|(ofst, n, flags)| Op::Shm {
+                    ofst,
+                    n,
+                    flags
+                }),
+                Just(Op::ShmUnmap),
+                Just(Op::CheckReserved),
+            ]
+        }
+
+        /// (op, inner result, flock contended, readers elsewhere, writer elsewhere)
+        fn step() -> impl Strategy<Value = (Op, i32, bool, bool, bool)> {
+            let rc = prop_oneof![6 => Just(SQLITE_OK), 1 => Just(SQLITE_BUSY), 1 => Just(SQLITE_IOERR_LOCK)];
+            (
+                op(),
+                rc,
+                any::<bool>(),
+                any::<bool>(),
+                prop::bool::weighted(0.1),
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+            #[test]
+            fn flock_held_exactly_while_a_writer(steps in prop::collection::vec(step(), 1..60)) {
+                let mut h = p();
+                let mut level = NONE; // what SQLite believes, from successful calls
+                let mut excl: u32 = 0;
+                for (op, rc, contended, readers, writer) in steps {
+                    h.flock.contended = contended && !h.flock.held;
+                    // Others can only write the file while we hold no shadow lock.
+                    h.flock.others_reading = readers;
+                    h.flock.other_writing = writer && h.shadow_held() == Shadow::Unlocked;
+                    match op {
+                        Op::Lock(l) if l > level => {
+                            if h.lock(l, || rc) == SQLITE_OK {
+                                level = l;
+                            }
+                        }
+                        Op::Unlock(l) if l < level => {
+                            if h.unlock(l, || rc) == SQLITE_OK {
+                                level = l;
+                            }
+                        }
+                        Op::Shm { ofst, n, flags } => {
+                            let mask = range_mask(ofst, n);
+                            let is_excl = flags & SQLITE_SHM_EXCLUSIVE != 0;
+                            let locking = flags & SQLITE_SHM_LOCK != 0;
+                            // SQLite never locks a slot it holds, nor unlocks one it does not.
+                            if locking && (excl & mask != 0 || (is_excl && h.shm_shared & mask != 0)) {
+                                continue;
+                            }
+                            if !locking && is_excl && excl & mask != mask {
+                                continue;
+                            }
+                            let got = h.shm_lock(ofst, n, flags, || rc);
+                            if is_excl && locking && got == SQLITE_OK {
+                                excl |= mask;
+                            }
+                            if is_excl && !locking {
+                                excl &= !mask;
+                            }
+                        }
+                        Op::ShmUnmap => {
+                            h.shm_unmap();
+                            excl = 0;
+                        }
+                        Op::CheckReserved => {
+                            let _ = h.check_reserved(|r| { *r = 0; rc }, || contended);
+                        }
+                        _ => continue,
+                    }
+                    // The flock is held by the handle iff the fake says so.
+                    prop_assert_eq!(h.holds(), h.flock.held);
+                    if level >= RES {
+                        prop_assert!(h.holds(), "a writer by xLock must hold the flock");
+                    }
+                    if level < RES && excl & (SLOT_WRITE | SLOT_CKPT) == 0 {
+                        prop_assert!(!h.holds(), "not a writer, yet holds the flock");
+                    }
+                    match level {
+                        NONE => prop_assert_eq!(h.shadow_held(), Shadow::Unlocked),
+                        EXCL => prop_assert_eq!(h.shadow_held(), Shadow::Write),
+                        _ => prop_assert_eq!(h.shadow_held(), Shadow::Read),
+                    }
+                }
+                h.close();
+                prop_assert!(!h.flock.held, "never after close");
+                prop_assert_eq!(h.flock.acquires, h.flock.releases);
+            }
+        }
     }
 }

@@ -14,7 +14,6 @@
 //! * `sql` — `writelock_version()`, `writelock_status()`, the auto-extension.
 
 use std::ffi::{c_char, c_int};
-use std::sync::OnceLock;
 
 use libsqlite3_sys as ffi;
 
@@ -95,8 +94,10 @@ pub fn register() -> Result<(), RegisterError> {
     // the extension-entry signature that `auto_init` has; SQLite ignores a
     // second registration of the same pointer.
     let rc = unsafe {
-        let f: unsafe extern "C" fn() =
-            std::mem::transmute::<AutoInit, unsafe extern "C" fn()>(sql::auto_init);
+        // The bindings type the argument as `void(*)(void)` (extension
+        // build) or with the entry signature (linked build): same size,
+        // inferred either way.
+        let f = std::mem::transmute::<AutoInit, _>(sql::auto_init);
         ffi::sqlite3_auto_extension(Some(f))
     };
     if rc != ffi::SQLITE_OK {
@@ -107,7 +108,7 @@ pub fn register() -> Result<(), RegisterError> {
 
 /// The `sqlite3_api_routines` of the first SQLite that loaded us.
 #[cfg(feature = "loadable_extension")]
-static HOST_API: OnceLock<usize> = OnceLock::new();
+static HOST_API: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 /// Report an init error through the *calling* library's allocator.
 ///

@@ -99,7 +99,11 @@ mod why {
     pub const XLOCK: u8 = 1; // xLock level >= RESERVED
     pub const WAL_WRITE: u8 = 2; // shm slot 0 (WAL write lock)
     pub const WAL_CKPT: u8 = 4; // shm slot 1 (checkpoint lock)
+    pub const INTENT: u8 = 8; // taken in xSleep for the retry that follows
 }
+
+/// A write intent not turned into a write within this long is released.
+pub const INTENT_TTL: Duration = Duration::from_millis(250);
 
 const SLOT_WRITE: u32 = 1 << 0;
 const SLOT_CKPT: u32 = 1 << 1;
@@ -129,6 +133,12 @@ pub struct Protocol<F> {
     /// The database path, for log messages.
     pub label: String,
     wait_since: Option<Instant>,
+    /// Set when an escalation was refused for the flock: the busy handler
+    /// that follows may wait for it in xSleep (see [`Self::try_intent`]).
+    intent_wanted: bool,
+    intent_since: Option<Instant>,
+    /// The handle has a WAL-index mapping (WAL mode).
+    wal: bool,
     last_attempt: Option<Instant>,
     held_since: Option<Instant>,
     last_busy_log: Option<Instant>,
@@ -159,6 +169,9 @@ impl<F: WriterFlock> Protocol<F> {
             options: Options::default(),
             label: String::new(),
             wait_since: None,
+            intent_wanted: false,
+            intent_since: None,
+            wal: false,
             last_attempt: None,
             held_since: None,
             last_busy_log: None,
@@ -195,6 +208,12 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// [`Self::enter`], polling up to `patience` while the flock is contended.
     fn enter_within(&mut self, reason: u8, patience: Duration) -> Result<(), i32> {
+        if self.why & why::INTENT != 0 {
+            // The lock taken while the busy handler slept: now a real write.
+            self.why = (self.why & !why::INTENT) | reason;
+            self.intent_since = None;
+            return Ok(());
+        }
         if self.why == 0 && !self.held {
             let deadline = Instant::now() + patience;
             let mut got = self.flock.try_acquire();
@@ -207,6 +226,7 @@ impl<F: WriterFlock> Protocol<F> {
                 Ok(false) => {
                     self.counters.contended += 1;
                     self.contended();
+                    self.intent_wanted = true;
                     return Err(self.busy());
                 }
                 Err(e) => {
@@ -320,6 +340,7 @@ impl<F: WriterFlock> Protocol<F> {
     /// or above; shadow write before EXCLUSIVE. Any step that fails undoes
     /// the steps before it, and a failed inner lock undoes them all.
     pub fn lock(&mut self, level: i32, inner: impl FnOnce() -> i32) -> i32 {
+        self.expire_intent();
         let took_read = self.shadow == Shadow::Unlocked;
         if took_read {
             match self.set_shadow(Shadow::Read) {
@@ -389,8 +410,65 @@ impl<F: WriterFlock> Protocol<F> {
             if level < ffi::SQLITE_LOCK_RESERVED {
                 self.leave(why::XLOCK);
             }
+            if level == ffi::SQLITE_LOCK_NONE {
+                self.leave(why::INTENT); // the transaction ended without writing
+            }
         }
         rc
+    }
+
+    /// Release a write intent that was never used (called on every entry).
+    fn expire_intent(&mut self) {
+        if self.intent_since.is_some_and(|t| t.elapsed() > INTENT_TTL) {
+            self.intent_since = None;
+            self.leave(why::INTENT);
+        }
+    }
+
+    /// Whether the last refusal asked for a wait, clearing the request.
+    pub fn take_intent_request(&mut self) -> bool {
+        std::mem::take(&mut self.intent_wanted)
+    }
+
+    /// Whether waiting for the flock is safe now: the handle holds no lock a
+    /// writer could need — no WAL-index lock at all, and no SQLite lock
+    /// beyond the SHARED that WAL connections keep for life. (A deferred
+    /// read transaction upgrading to write still holds its read lock, so it
+    /// never waits here: SQLite returns BUSY at once, as stock does.)
+    pub fn may_wait(&self) -> bool {
+        !self.held
+            && self.shm_excl == 0
+            && self.shm_shared == 0
+            && (self.level == ffi::SQLITE_LOCK_NONE
+                || (self.wal && self.level == ffi::SQLITE_LOCK_SHARED))
+    }
+
+    /// One non-blocking attempt to take the flock as a write *intent*, from
+    /// the connection's busy-handler sleep: `Ok(true)` when taken. The
+    /// retry that follows turns it into a write; an intent unused for
+    /// [`INTENT_TTL`], or a transaction that ends first, releases it.
+    pub fn try_intent(&mut self) -> Result<bool, i32> {
+        if !self.may_wait() {
+            return Ok(false);
+        }
+        match self.flock.try_acquire() {
+            Ok(true) => {
+                self.acquired();
+                self.why = why::INTENT;
+                self.intent_since = Some(Instant::now());
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                self.note_error(ffi::SQLITE_IOERR_LOCK, e);
+                Err(ffi::SQLITE_IOERR_LOCK)
+            }
+        }
+    }
+
+    /// The handle has mapped the WAL index (so it is in WAL mode).
+    pub fn shm_mapped(&mut self) {
+        self.wal = true;
     }
 
     /// `xCheckReservedLock`, asked by a reader that found a journal. When
@@ -423,6 +501,7 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// `xShmLock(ofst, n, flags)`.
     pub fn shm_lock(&mut self, ofst: i32, n: i32, flags: i32, inner: impl FnOnce() -> i32) -> i32 {
+        self.expire_intent();
         let mask = range_mask(ofst, n);
         let lock = flags & ffi::SQLITE_SHM_LOCK != 0;
         let excl = flags & ffi::SQLITE_SHM_EXCLUSIVE != 0;
@@ -493,6 +572,7 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// `xShmUnmap`: the shared-memory connection and all its locks are gone.
     pub fn shm_unmap(&mut self) {
+        self.wal = false;
         self.shm_excl = 0;
         self.shm_shared = 0;
         self.sync_shm_reasons();
@@ -500,6 +580,7 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// `xClose`: whatever happened, no lock outlives the handle.
     pub fn close(&mut self) {
+        self.intent_since = None;
         if self.shadow != Shadow::Unlocked {
             self.lower_shadow(Shadow::Unlocked);
         }
@@ -781,6 +862,57 @@ mod tests {
         assert!(h.holds());
         h.close();
         assert_eq!(h.shadow_held(), Shadow::Unlocked);
+    }
+
+    #[test]
+    fn intent_taken_in_sleep_becomes_the_write() {
+        let mut h = p();
+        h.lock(SHARED, || SQLITE_OK);
+        h.flock.contended = true;
+        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_BUSY);
+        assert!(h.take_intent_request());
+        assert!(
+            !h.may_wait(),
+            "still SHARED in rollback mode: the btree unlocks first"
+        );
+        h.unlock(NONE, || SQLITE_OK);
+        assert!(h.may_wait());
+        assert_eq!(h.try_intent(), Ok(false), "still contended");
+        h.flock.contended = false;
+        assert_eq!(h.try_intent(), Ok(true));
+        assert!(h.holds());
+        // The retry: SHARED then RESERVED finds the lock already held.
+        h.lock(SHARED, || SQLITE_OK);
+        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_OK);
+        h.unlock(NONE, || SQLITE_OK);
+        assert!(!h.holds());
+        assert_eq!((h.flock.acquires, h.flock.releases), (1, 1));
+    }
+
+    #[test]
+    fn unused_intent_is_released() {
+        let mut h = p();
+        assert_eq!(h.try_intent(), Ok(true));
+        h.lock(SHARED, || SQLITE_OK);
+        h.unlock(NONE, || SQLITE_OK);
+        assert!(!h.holds(), "transaction ended without writing");
+        assert_eq!(h.try_intent(), Ok(true));
+        h.intent_since = Some(Instant::now() - INTENT_TTL * 2);
+        h.lock(SHARED, || SQLITE_OK);
+        assert!(!h.holds(), "expired");
+    }
+
+    #[test]
+    fn read_transaction_upgrade_never_waits() {
+        let mut h = p();
+        h.shm_mapped();
+        h.lock(SHARED, || SQLITE_OK);
+        h.shm_lock(3, 1, SL, || SQLITE_OK);
+        h.flock.contended = true;
+        assert_eq!(h.shm_lock(0, 1, XL, || SQLITE_OK), SQLITE_BUSY);
+        assert!(!h.may_wait(), "holds a read mark");
+        h.shm_lock(3, 1, SU, || SQLITE_OK);
+        assert!(h.may_wait(), "WAL: SHARED for life, no shm lock");
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! Every `extern "C"` function catches panics and maps them to an SQLite error
 //! code; all lock decisions live in [`crate::protocol`].
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use libsqlite3_sys as ffi;
 
@@ -35,7 +37,7 @@ pub(crate) struct FileState {
     /// Whether the fail-closed error was already logged (log once per handle).
     pub logged: std::sync::atomic::AtomicBool,
     /// The protocol, or why the lock file could not be used (fail closed).
-    pub lock: Result<Option<Mutex<Protocol<LockFile>>>, String>,
+    pub lock: Result<Option<Shared>, String>,
 }
 
 /// A snapshot of one handle for `writelock_status()`.
@@ -65,16 +67,34 @@ fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(on_panic)
 }
 
+/// A handle's protocol, shared with the thread-local write intent.
+pub(crate) type Shared = Arc<Mutex<Protocol<LockFile>>>;
+
+thread_local! {
+    /// The handle whose last escalation on this thread was refused for the
+    /// flock, and when: the busy handler's sleep that follows may wait for it.
+    static WANTS_LOCK: RefCell<Option<(Weak<Mutex<Protocol<LockFile>>>, Instant)>> =
+        const { RefCell::new(None) };
+}
+
+/// A refusal older than this is not the one the current sleep is for.
+const INTENT_FRESH: Duration = Duration::from_millis(50);
+
 fn lock_proto(m: &Mutex<Protocol<LockFile>>) -> MutexGuard<'_, Protocol<LockFile>> {
     // A panic inside a lock call leaves the protocol state as it was between
     // two field updates at worst; keep serving (and failing closed) rather than abort.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Run one protocol step and write any lock-file error it hit to SQLite's log.
-fn step(m: &Mutex<Protocol<LockFile>>, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int {
+/// Run one protocol step; write any error it hit to SQLite's log, and
+/// remember a refusal for the flock so the busy handler's sleep can wait.
+fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int {
     let mut p = lock_proto(m);
     let rc = op(&mut p);
+    if p.take_intent_request() && rc == ffi::SQLITE_BUSY {
+        let w = Arc::downgrade(m);
+        WANTS_LOCK.with(|c| *c.borrow_mut() = Some((w, Instant::now())));
+    }
     if let Some((code, msg)) = p.unlogged.take() {
         drop(p);
         crate::log_error(code, &msg);
@@ -353,9 +373,15 @@ unsafe extern "C" fn x_shm_map(
     extend: c_int,
     pp: *mut *mut c_void,
 ) -> c_int {
-    // SAFETY: delegation (only in tables of iVersion >= 2, like the inner's).
+    // SAFETY: our file; delegation (only in tables of iVersion >= 2).
     guard(ffi::SQLITE_IOERR_SHMMAP, || unsafe {
-        inner_call!(f, xShmMap, pg, pgsz, extend, pp)
+        let rc = inner_call!(f, xShmMap, pg, pgsz, extend, pp);
+        if rc == ffi::SQLITE_OK {
+            if let Ok(Some(m)) = &state(f).lock {
+                lock_proto(m).shm_mapped();
+            }
+        }
+        rc
     })
 }
 
@@ -591,7 +617,7 @@ unsafe extern "C" fn v_open(
                         let mut p = Protocol::new(lf);
                         p.options = options;
                         p.label = db_path.to_string_lossy().into_owned();
-                        Ok(Some(Mutex::new(p)))
+                        Ok(Some(Arc::new(Mutex::new(p))))
                     }
                     Err(e) => {
                         // Fail closed: the handle opens (so the connection can
@@ -720,9 +746,46 @@ unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mu
     })
 }
 
+/// The write-intent wait (issue 7). SQLite's busy handler sleeps through the
+/// connection's VFS *after* the connection released its locks; if the
+/// refusal it is sleeping for was ours, spend the sleep polling for the flock
+/// instead, and keep it for the retry, which then succeeds at once. Never
+/// longer than the requested sleep (SQLite counts that against
+/// busy_timeout), and only while the handle holds nothing a writer needs.
+fn sleep_for_lock(us: c_int) -> Option<c_int> {
+    let (w, at) = WANTS_LOCK.with(|c| c.borrow_mut().take())?;
+    if at.elapsed() > INTENT_FRESH {
+        return None;
+    }
+    let m = w.upgrade()?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_micros(us.max(0) as u64);
+    loop {
+        let got = {
+            let mut p = lock_proto(&m);
+            if !p.may_wait() {
+                return None;
+            }
+            p.try_intent()
+        };
+        let now = Instant::now();
+        if got != Ok(false) || now >= deadline {
+            return Some(
+                now.duration_since(start)
+                    .as_micros()
+                    .min(c_int::MAX as u128) as c_int,
+            );
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_micros(250)));
+    }
+}
+
 unsafe extern "C" fn v_sleep(vfs: *mut ffi::sqlite3_vfs, us: c_int) -> c_int {
-    // SAFETY: delegation.
+    // SAFETY: delegation when there is no write intent to serve.
     guard(0, || unsafe {
+        if let Some(slept) = sleep_for_lock(us) {
+            return slept;
+        }
         let iv = ivfs(vfs);
         (*iv).xSleep.map_or(0, |m| m(iv, us))
     })

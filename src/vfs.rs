@@ -69,12 +69,12 @@ fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
 
 /// A handle's protocol, shared with the thread-local write intent.
 pub(crate) type Shared = Arc<Mutex<Protocol<LockFile>>>;
+type WeakShared = Weak<Mutex<Protocol<LockFile>>>;
 
 thread_local! {
     /// The handle whose last escalation on this thread was refused for the
     /// flock, and when: the busy handler's sleep that follows may wait for it.
-    static WANTS_LOCK: RefCell<Option<(Weak<Mutex<Protocol<LockFile>>>, Instant)>> =
-        const { RefCell::new(None) };
+    static WANTS_LOCK: RefCell<Option<(WeakShared, Instant)>> = const { RefCell::new(None) };
 }
 
 /// A refusal older than this is not the one the current sleep is for.

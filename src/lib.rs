@@ -97,7 +97,7 @@ pub fn register() -> Result<(), RegisterError> {
         // The bindings type the argument as `void(*)(void)` (extension
         // build) or with the entry signature (linked build): same size,
         // inferred either way.
-        #[allow(clippy::missing_transmute_annotations)]
+        #[allow(clippy::missing_transmute_annotations, clippy::useless_transmute)]
         let f = std::mem::transmute::<AutoInit, _>(sql::auto_init);
         ffi::sqlite3_auto_extension(Some(f))
     };

@@ -69,6 +69,13 @@ pub fn open(path: &Path, mode: Mode) -> Connection {
     c
 }
 
+/// The built `writelock` CLI (`make` builds it next to the extension).
+pub fn cli_path() -> PathBuf {
+    let p = so_path().with_file_name("writelock");
+    assert!(p.exists(), "{} is missing: run `make` first", p.display());
+    p
+}
+
 /// `<db>.lock` for a database path.
 pub fn lock_path(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();
@@ -202,6 +209,11 @@ impl Shell {
             out.push_str(&line);
         }
         out
+    }
+
+    /// The shell's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL the shell mid-whatever and reap it.

@@ -1,0 +1,200 @@
+//! The `writelock` CLI and the holder record, with real processes: `status`
+//! names the process that holds the lock, `run` excludes writers, `watch`
+//! sees holds come and go. Each shows what differs without the extension.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use writelock_tests::{cli_path, lock_path, open, tempdir, FlockHolder, Mode, Shell};
+
+fn create_db(db: &Path, journal: &str) {
+    let c = open(db, Mode::Stock);
+    c.execute_batch(&format!(
+        "PRAGMA journal_mode={journal}; CREATE TABLE t(x);"
+    ))
+    .unwrap();
+}
+
+fn status_json(db: &Path) -> Value {
+    let out = Command::new(cli_path())
+        .args(["status", "--json"])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn status_names_the_holder_while_a_transaction_is_open() {
+    for journal in ["delete", "wal"] {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_db(&db, journal);
+            let mut sh = Shell::start(&db, mode);
+            sh.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+            let v = status_json(&db);
+            let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+            assert_eq!(
+                keys,
+                [
+                    "db",
+                    "exists",
+                    "held",
+                    "held_for_ms",
+                    "holder_cmdline",
+                    "holder_pid",
+                    "lock_file"
+                ],
+                "the JSON schema is a contract"
+            );
+            match mode {
+                Mode::Writelock => {
+                    assert_eq!(v["holder_pid"], sh.pid(), "{journal}: {v}");
+                    assert!(v["held_for_ms"].as_u64().is_some(), "{v}");
+                    assert!(
+                        v["holder_cmdline"].as_str().unwrap().starts_with("sqlite3"),
+                        "{v}"
+                    );
+                    // The same from SQL, in another process.
+                    let c = open(&db, Mode::Writelock);
+                    let s: String = c
+                        .query_row("SELECT writelock_status()", [], |r| r.get(0))
+                        .unwrap();
+                    let s: Value = serde_json::from_str(&s).unwrap();
+                    assert_eq!(s["databases"][0]["holder_pid"], sh.pid(), "{s}");
+                }
+                Mode::Stock => assert_eq!(v["holder_pid"], Value::Null, "{v}"),
+            }
+            sh.run("COMMIT;");
+            assert_eq!(status_json(&db)["holder_pid"], Value::Null);
+            sh.finish();
+        }
+    }
+}
+
+#[test]
+fn run_holds_the_lock_for_the_command_and_passes_its_status() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_db(&db, "wal");
+        let mut job = Command::new(cli_path())
+            .arg("run")
+            .arg(&db)
+            .args(["--", "sh", "-c", "echo started; read _; exit 7"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(job.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "started");
+        let mut w = Shell::start(&db, mode);
+        w.run(".timeout 200");
+        let out = w.run("INSERT INTO t VALUES (1);");
+        match mode {
+            Mode::Writelock => assert!(out.contains("database is locked"), "{out:?}"),
+            Mode::Stock => assert_eq!(out, "", "stock writers ignore the lock"),
+        }
+        job.stdin.take().unwrap().write_all(b"\n").unwrap();
+        assert_eq!(job.wait().unwrap().code(), Some(7), "the command's status");
+        assert_eq!(w.run("INSERT INTO t VALUES (2);"), "");
+        w.finish();
+    }
+}
+
+#[test]
+fn run_times_out_with_75_naming_the_holder() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "delete");
+    let holder = FlockHolder::hold(&lock_path(&db));
+    let out = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--timeout", "0.2", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not free within") && err.contains("flock"),
+        "{err}"
+    );
+    holder.release();
+    let out = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn run_lets_the_command_borrow_the_lock() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "delete");
+    let so = writelock_tests::so_path();
+    let out = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--", "sqlite3", "-cmd"])
+        .arg(format!(".load {}", so.display()))
+        .arg("-cmd")
+        .arg(format!(".open {}", db.display()))
+        .args([
+            ":memory:",
+            "INSERT INTO t VALUES (1); SELECT count(*) FROM t;",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+}
+
+#[test]
+fn watch_sees_a_hold_come_and_go() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "wal");
+    std::fs::File::create(lock_path(&db)).unwrap();
+    let watch = Command::new(cli_path())
+        .arg("watch")
+        .arg(&db)
+        .args(["--for", "1.5", "--interval-ms", "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(watch.stdout.unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("watching"), "{line}");
+    let mut sh = Shell::start(&db, Mode::Writelock);
+    sh.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+    let mut held = String::new();
+    out.read_line(&mut held).unwrap();
+    assert!(
+        held.contains(&format!("held  by pid {}", sh.pid())),
+        "{held}"
+    );
+    sh.run("COMMIT;");
+    let mut free = String::new();
+    out.read_line(&mut free).unwrap();
+    assert!(
+        free.contains(&format!("free  pid {} held it", sh.pid())),
+        "{free}"
+    );
+    sh.finish();
+}

@@ -165,19 +165,20 @@ fn run_lets_the_command_borrow_the_lock() {
 }
 
 #[test]
+#[allow(clippy::zombie_processes)] // waited for at the end; a failed assert ends the test process anyway
 fn watch_sees_a_hold_come_and_go() {
     let dir = tempdir();
     let db = dir.path().join("app.db");
     create_db(&db, "wal");
     std::fs::File::create(lock_path(&db)).unwrap();
-    let watch = Command::new(cli_path())
+    let mut watch = Command::new(cli_path())
         .arg("watch")
         .arg(&db)
         .args(["--for", "1.5", "--interval-ms", "5"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(watch.stdout.unwrap());
+    let mut out = BufReader::new(watch.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert!(line.contains("watching"), "{line}");

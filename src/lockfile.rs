@@ -216,6 +216,12 @@ impl LockFile {
         self.borrowed || matches!(self.state, State::Locked(_))
     }
 
+    /// A duplicate descriptor of the same open file description: a lock taken
+    /// through it belongs to this handle too.
+    pub fn duplicate(&self) -> std::io::Result<File> {
+        self.file().try_clone()
+    }
+
     /// Let child processes inherit the descriptor (clear `FD_CLOEXEC`), as
     /// `flock(1)` does: a child's own connections then borrow the lock.
     pub fn inherit_to_children(&self) -> Result<(), LockError> {

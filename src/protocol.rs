@@ -139,6 +139,14 @@ pub struct Protocol<F> {
     intent_since: Option<Instant>,
     /// The handle has a WAL-index mapping (WAL mode).
     wal: bool,
+    /// `xClose` ran (the state may outlive it in a waiter thread).
+    pub closed: bool,
+    /// Busy-handler sleeps waiting for a waiter thread right now.
+    pub sleepers: u32,
+    /// When the last such sleep ended.
+    pub last_sleep_end: Option<Instant>,
+    /// A waiter thread is queued in `flock(LOCK_EX)` for this handle.
+    pub waiter_running: bool,
     last_attempt: Option<Instant>,
     held_since: Option<Instant>,
     last_busy_log: Option<Instant>,
@@ -172,6 +180,10 @@ impl<F: WriterFlock> Protocol<F> {
             intent_wanted: false,
             intent_since: None,
             wal: false,
+            closed: false,
+            sleepers: 0,
+            last_sleep_end: None,
+            waiter_running: false,
             last_attempt: None,
             held_since: None,
             last_busy_log: None,
@@ -466,6 +478,28 @@ impl<F: WriterFlock> Protocol<F> {
         }
     }
 
+    /// Whether the flock is held as an unused write intent only.
+    pub fn has_pure_intent(&self) -> bool {
+        self.why == why::INTENT
+    }
+
+    /// Give up an unused write intent.
+    pub fn drop_intent(&mut self) {
+        if self.has_pure_intent() {
+            self.intent_since = None;
+            self.leave(why::INTENT);
+        }
+    }
+
+    /// Release a lock the handle's open file description got without the
+    /// handle knowing (a waiter thread's blocking `flock` that nobody wants
+    /// any more): take it as ours (it is already granted) and let go.
+    pub fn release_unowned(&mut self) {
+        if !self.held && matches!(self.flock.try_acquire(), Ok(true)) {
+            self.flock.release();
+        }
+    }
+
     /// The handle has mapped the WAL index (so it is in WAL mode).
     pub fn shm_mapped(&mut self) {
         self.wal = true;
@@ -580,6 +614,7 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// `xClose`: whatever happened, no lock outlives the handle.
     pub fn close(&mut self) {
+        self.closed = true;
         self.intent_since = None;
         if self.shadow != Shadow::Unlocked {
             self.lower_shadow(Shadow::Unlocked);

@@ -13,14 +13,14 @@ use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use libsqlite3_sys as ffi;
 
 use crate::lockfile::{lock_path_for, LockFile};
 use crate::options::{Options, NAMES};
-use crate::protocol::{Counters, Protocol};
+use crate::protocol::{Counters, Protocol, INTENT_TTL};
 
 /// `SQLITE_FCNTL_LOCK_TIMEOUT` (sqlite3.h, 3.25+; newer than our bindings).
 const SQLITE_FCNTL_LOCK_TIMEOUT: c_int = 34;
@@ -68,8 +68,15 @@ fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
 }
 
 /// A handle's protocol, shared with the thread-local write intent.
-pub(crate) type Shared = Arc<Mutex<Protocol<LockFile>>>;
-type WeakShared = Weak<Mutex<Protocol<LockFile>>>;
+pub(crate) type Shared = Arc<Handle>;
+type WeakShared = Weak<Handle>;
+
+/// A main-db handle's lock state, and the condition variable its busy-handler
+/// sleep waits on while a waiter thread queues for the flock.
+pub(crate) struct Handle {
+    p: Mutex<Protocol<LockFile>>,
+    granted: Condvar,
+}
 
 thread_local! {
     /// The handle whose last escalation on this thread was refused for the
@@ -80,10 +87,10 @@ thread_local! {
 /// A refusal older than this is not the one the current sleep is for.
 const INTENT_FRESH: Duration = Duration::from_millis(50);
 
-fn lock_proto(m: &Mutex<Protocol<LockFile>>) -> MutexGuard<'_, Protocol<LockFile>> {
+fn lock_proto(h: &Handle) -> MutexGuard<'_, Protocol<LockFile>> {
     // A panic inside a lock call leaves the protocol state as it was between
     // two field updates at worst; keep serving (and failing closed) rather than abort.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    h.p.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Run one protocol step; write any error it hit to SQLite's log, and
@@ -617,7 +624,10 @@ unsafe extern "C" fn v_open(
                         let mut p = Protocol::new(lf);
                         p.options = options;
                         p.label = db_path.to_string_lossy().into_owned();
-                        Ok(Some(Arc::new(Mutex::new(p))))
+                        Ok(Some(Arc::new(Handle {
+                            p: Mutex::new(p),
+                            granted: Condvar::new(),
+                        })))
                     }
                     Err(e) => {
                         // Fail closed: the handle opens (so the connection can
@@ -747,36 +757,91 @@ unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mu
 }
 
 /// The write-intent wait (issue 7). SQLite's busy handler sleeps through the
-/// connection's VFS *after* the connection released its locks; if the
-/// refusal it is sleeping for was ours, spend the sleep polling for the flock
-/// instead, and keep it for the retry, which then succeeds at once. Never
-/// longer than the requested sleep (SQLite counts that against
-/// busy_timeout), and only while the handle holds nothing a writer needs.
+/// connection's VFS *after* the connection released its locks. If the
+/// refusal it is sleeping for was ours, the sleep instead waits — blocked,
+/// not polling — for a waiter thread that queues in `flock(LOCK_EX)` on a
+/// duplicate of the handle's descriptor; the lock it gets belongs to the
+/// handle's open file description, and is kept as a write intent for the
+/// retry, which then succeeds at once. Never longer than the requested sleep
+/// (SQLite counts that against busy_timeout), and only while the handle holds
+/// nothing a writer needs.
 fn sleep_for_lock(us: c_int) -> Option<c_int> {
     let (w, at) = WANTS_LOCK.with(|c| c.borrow_mut().take())?;
     if at.elapsed() > INTENT_FRESH {
         return None;
     }
-    let m = w.upgrade()?;
+    let h = w.upgrade()?;
     let start = Instant::now();
-    let deadline = start + Duration::from_micros(us.max(0) as u64);
-    loop {
-        let got = {
-            let mut p = lock_proto(&m);
-            if !p.may_wait() {
-                return None;
-            }
-            p.try_intent()
-        };
-        let now = Instant::now();
-        if got != Ok(false) || now >= deadline {
-            return Some(
-                now.duration_since(start)
-                    .as_micros()
-                    .min(c_int::MAX as u128) as c_int,
-            );
+    let mut p = lock_proto(&h);
+    if p.has_pure_intent() {
+        return Some(0); // granted between the retry's attempt and this sleep
+    }
+    if !p.may_wait() {
+        return None;
+    }
+    match p.try_intent() {
+        Ok(true) => return Some(0),
+        Ok(false) => {}
+        Err(_) => return None,
+    }
+    if !p.waiter_running {
+        let dup = p.flock().duplicate().ok()?;
+        let h2 = Arc::clone(&h);
+        let spawned = std::thread::Builder::new()
+            .name("writelock-wait".into())
+            .spawn(move || waiter(h2, dup));
+        if spawned.is_err() {
+            return None;
         }
-        std::thread::sleep((deadline - now).min(Duration::from_micros(250)));
+        p.waiter_running = true;
+    }
+    p.sleepers += 1;
+    let dur = Duration::from_micros(us.max(0) as u64);
+    let (mut p, _) = h
+        .granted
+        .wait_timeout_while(p, dur, |p| !p.holds() && !p.closed)
+        .unwrap_or_else(|e| e.into_inner());
+    p.sleepers -= 1;
+    p.last_sleep_end = Some(Instant::now());
+    Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
+}
+
+/// The queueing thread of one handle: blocks in `flock(LOCK_EX)` on a
+/// duplicate of the handle's descriptor (same open file description), then
+/// hands the lock to a sleeping busy handler as a write intent — or, when
+/// nobody wants it any more, releases it. While the intent is unused it
+/// stays as a watchdog and drops it after `INTENT_TTL`, so a connection the
+/// application stopped using never keeps the lock.
+fn waiter(h: Shared, dup: std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // A blocking flock with no timeout is what makes this a queue; the
+    // thread is the only thing that waits, and it always ends by deciding.
+    #[allow(deprecated)] // nix's Flock would unlock on drop; we must not.
+    let got = nix::fcntl::flock(dup.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive);
+    drop(dup); // closing a duplicate leaves the description's lock alone
+    let mut p = lock_proto(&h);
+    p.waiter_running = false;
+    if got.is_err() || p.holds() {
+        return; // nothing taken, or the handle already owns it
+    }
+    let wanted = p.sleepers > 0 || p.last_sleep_end.is_some_and(|t| t.elapsed() < INTENT_FRESH);
+    if p.closed || !wanted || !p.may_wait() || p.try_intent() != Ok(true) {
+        p.release_unowned();
+        return;
+    }
+    h.granted.notify_all();
+    let deadline = Instant::now() + INTENT_TTL;
+    while p.has_pure_intent() {
+        let now = Instant::now();
+        if now >= deadline {
+            p.drop_intent();
+            break;
+        }
+        p = h
+            .granted
+            .wait_timeout(p, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
     }
 }
 

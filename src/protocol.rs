@@ -103,7 +103,7 @@ mod why {
 }
 
 /// A write intent not turned into a write within this long is released.
-pub const INTENT_TTL: Duration = Duration::from_millis(250);
+pub const INTENT_TTL: Duration = Duration::from_millis(100);
 
 const SLOT_WRITE: u32 = 1 << 0;
 const SLOT_CKPT: u32 = 1 << 1;
@@ -139,6 +139,8 @@ pub struct Protocol<F> {
     intent_since: Option<Instant>,
     /// The handle has a WAL-index mapping (WAL mode).
     wal: bool,
+    /// A refused checkpoint lock asks the shim to queue this long, then retry.
+    checkpoint_wait: Option<Duration>,
     /// `xClose` ran (the state may outlive it in a waiter thread).
     pub closed: bool,
     /// Busy-handler sleeps waiting for a waiter thread right now.
@@ -180,6 +182,7 @@ impl<F: WriterFlock> Protocol<F> {
             intent_wanted: false,
             intent_since: None,
             wal: false,
+            checkpoint_wait: None,
             closed: false,
             sleepers: 0,
             last_sleep_end: None,
@@ -215,11 +218,6 @@ impl<F: WriterFlock> Protocol<F> {
     /// Add a reason to be a writer; takes the flock on the first one.
     /// `Err(rc)` leaves the state unchanged.
     fn enter(&mut self, reason: u8) -> Result<(), i32> {
-        self.enter_within(reason, Duration::ZERO)
-    }
-
-    /// [`Self::enter`], polling up to `patience` while the flock is contended.
-    fn enter_within(&mut self, reason: u8, patience: Duration) -> Result<(), i32> {
         if self.why & why::INTENT != 0 {
             // The lock taken while the busy handler slept: now a real write.
             self.why = (self.why & !why::INTENT) | reason;
@@ -227,12 +225,7 @@ impl<F: WriterFlock> Protocol<F> {
             return Ok(());
         }
         if self.why == 0 && !self.held {
-            let deadline = Instant::now() + patience;
-            let mut got = self.flock.try_acquire();
-            while matches!(got, Ok(false)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-                got = self.flock.try_acquire();
-            }
+            let got = self.flock.try_acquire();
             match got {
                 Ok(true) => self.acquired(),
                 Ok(false) => {
@@ -437,6 +430,12 @@ impl<F: WriterFlock> Protocol<F> {
         }
     }
 
+    /// How long a refused checkpoint may queue for the flock (then the shim
+    /// calls `shm_lock` again), clearing the request.
+    pub fn take_checkpoint_wait(&mut self) -> Option<Duration> {
+        self.checkpoint_wait.take()
+    }
+
     /// Whether the last refusal asked for a wait, clearing the request.
     pub fn take_intent_request(&mut self) -> bool {
         std::mem::take(&mut self.intent_wanted)
@@ -555,15 +554,14 @@ impl<F: WriterFlock> Protocol<F> {
                 };
                 let newly = reason != 0 && self.why & reason == 0;
                 if newly {
-                    // A checkpoint that holds no shm lock may wait a little:
-                    // nothing a writer needs is held, and SQLite gives the
-                    // checkpoint lock a single try (no busy handler).
-                    let patience = if reason == why::WAL_CKPT && !reading {
-                        self.options.checkpoint_wait
-                    } else {
-                        Duration::ZERO
-                    };
-                    if let Err(rc) = self.enter_within(reason, patience) {
+                    if let Err(rc) = self.enter(reason) {
+                        // A checkpoint that holds no shm lock may wait a
+                        // little (SQLite gives the checkpoint lock a single
+                        // try, no busy handler): nothing a writer needs is
+                        // held. The shim queues for it and calls again.
+                        if rc == ffi::SQLITE_BUSY && reason == why::WAL_CKPT && !reading {
+                            self.checkpoint_wait = Some(self.options.checkpoint_wait);
+                        }
                         return rc;
                     }
                 }

@@ -401,11 +401,24 @@ unsafe extern "C" fn x_shm_lock(
     guard(ffi::SQLITE_IOERR_SHMLOCK, || {
         // SAFETY: our file; the closures only delegate.
         unsafe {
-            with_proto(
-                f,
-                || inner_call!(f, xShmLock, ofst, n, flags),
-                |p| p.shm_lock(ofst, n, flags, || inner_call!(f, xShmLock, ofst, n, flags)),
-            )
+            let op = |p: &mut Protocol<LockFile>| {
+                p.shm_lock(ofst, n, flags, || inner_call!(f, xShmLock, ofst, n, flags))
+            };
+            let rc = with_proto(f, || inner_call!(f, xShmLock, ofst, n, flags), op);
+            if rc != ffi::SQLITE_BUSY {
+                return rc;
+            }
+            // A refused checkpoint queues for the flock (bounded), then retries.
+            let Ok(Some(h)) = &state(f).lock else {
+                return rc;
+            };
+            let Some(patience) = lock_proto(h).take_checkpoint_wait() else {
+                return rc;
+            };
+            if patience.is_zero() || wait_for_lock(h, patience, false) != Some(true) {
+                return rc;
+            }
+            step(h, op)
         }
     })
 }
@@ -772,21 +785,31 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
     }
     let h = w.upgrade()?;
     let start = Instant::now();
-    let mut p = lock_proto(&h);
+    wait_for_lock(&h, Duration::from_micros(us.max(0) as u64), true)?;
+    Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
+}
+
+/// Queue for the flock for at most `dur`, holding it as a write intent when
+/// granted. `None` when waiting is not safe or possible now (the caller then
+/// behaves as without the queue), else whether the lock was granted.
+/// `retry_follows`: a busy handler retries right after its sleep, so a grant
+/// just after a timed-out wait is still wanted; a checkpoint gives up.
+fn wait_for_lock(h: &Shared, dur: Duration, retry_follows: bool) -> Option<bool> {
+    let mut p = lock_proto(h);
     if p.has_pure_intent() {
-        return Some(0); // granted between the retry's attempt and this sleep
+        return Some(true); // granted between the last attempt and this wait
     }
     if !p.may_wait() {
         return None;
     }
     match p.try_intent() {
-        Ok(true) => return Some(0),
+        Ok(true) => return Some(true),
         Ok(false) => {}
         Err(_) => return None,
     }
     if !p.waiter_running {
         let dup = p.flock().duplicate().ok()?;
-        let h2 = Arc::clone(&h);
+        let h2 = Arc::clone(h);
         let spawned = std::thread::Builder::new()
             .name("writelock-wait".into())
             .spawn(move || waiter(h2, dup));
@@ -796,14 +819,15 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
         p.waiter_running = true;
     }
     p.sleepers += 1;
-    let dur = Duration::from_micros(us.max(0) as u64);
     let (mut p, _) = h
         .granted
         .wait_timeout_while(p, dur, |p| !p.holds() && !p.closed)
         .unwrap_or_else(|e| e.into_inner());
     p.sleepers -= 1;
-    p.last_sleep_end = Some(Instant::now());
-    Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
+    if retry_follows {
+        p.last_sleep_end = Some(Instant::now());
+    }
+    Some(p.holds())
 }
 
 /// The queueing thread of one handle: blocks in `flock(LOCK_EX)` on a

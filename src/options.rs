@@ -9,7 +9,7 @@ pub struct Options {
     /// A hold at least this long logs a warning through `sqlite3_log`
     /// (zero: never).
     pub hold_warn: Duration,
-    /// How long a checkpoint polls for the flock before reporting busy.
+    /// How long a checkpoint queues for the flock before reporting busy.
     pub checkpoint_wait: Duration,
     /// Open databases on network/FUSE filesystems anyway (URI only).
     pub allow_network_fs: bool,

@@ -110,8 +110,8 @@ const SLOT_CKPT: u32 = 1 << 1;
 /// WAL read-mark slots (3..8): holding one means a read transaction is open.
 const READ_SLOTS: u32 = !0b111;
 
-// A checkpoint (auto or `PRAGMA wal_checkpoint`) polls for the flock up to
-// `Options::checkpoint_wait` before reporting busy. Without it the
+// A checkpoint (auto or `PRAGMA wal_checkpoint`) queues for the flock up to
+// `Options::checkpoint_wait` before reporting busy (the shim does the wait). Without it the
 // committer's auto-checkpoint loses to the next writer every time and the WAL
 // only grows.
 

@@ -62,17 +62,13 @@ pub(crate) unsafe fn set_errmsg(slot: *mut *mut c_char, msg: &str) {
     }
 }
 
-/// Why [`register`] failed: the SQLite result code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegisterError(pub c_int);
+/// Why [`register`] failed: the SQLite result code and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterError(pub c_int, pub String);
 
 impl std::fmt::Display for RegisterError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "writelock: registering the VFS failed with SQLite code {}",
-            self.0
-        )
+        f.write_str(&self.1)
     }
 }
 impl std::error::Error for RegisterError {}
@@ -84,7 +80,7 @@ impl std::error::Error for RegisterError {}
 /// `default-features = false`). Idempotent. Connections opened *before* the
 /// call are not protected.
 pub fn register() -> Result<(), RegisterError> {
-    vfs::register_vfs().map_err(RegisterError)?;
+    vfs::register_vfs().map_err(|(rc, msg)| RegisterError(rc, msg))?;
     type AutoInit = unsafe extern "C" fn(
         *mut ffi::sqlite3,
         *mut *mut c_char,
@@ -102,7 +98,10 @@ pub fn register() -> Result<(), RegisterError> {
         ffi::sqlite3_auto_extension(Some(f))
     };
     if rc != ffi::SQLITE_OK {
-        return Err(RegisterError(rc));
+        return Err(RegisterError(
+            rc,
+            format!("writelock: sqlite3_auto_extension failed with code {rc}"),
+        ));
     }
     Ok(())
 }
@@ -169,7 +168,10 @@ pub unsafe extern "C" fn sqlite3_writelock_init(
                 return e.0;
             }
             let rc = sql::register_functions(db);
-            if rc != ffi::SQLITE_OK {
+            // SQLITE_BUSY: loaded again through load_extension() on a
+            // connection that has the functions already (SQLite will not
+            // redefine a function while a statement runs). They are there.
+            if rc != ffi::SQLITE_OK && rc != ffi::SQLITE_BUSY {
                 return rc;
             }
             ffi::SQLITE_OK_LOAD_PERMANENTLY

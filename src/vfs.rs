@@ -947,57 +947,72 @@ unsafe extern "C" fn v_next_system_call(
 }
 
 /// The outcome of the one registration per process.
-static REGISTERED: OnceLock<Result<(), c_int>> = OnceLock::new();
+static REGISTERED: OnceLock<Result<(), (c_int, String)>> = OnceLock::new();
 
 /// Register VFS `writelock` over the current default VFS and make it the
 /// default. Idempotent: later calls return the first result and never wrap
 /// `writelock` in itself.
-pub(crate) fn register_vfs() -> Result<(), c_int> {
-    *REGISTERED.get_or_init(|| {
-        // SAFETY: plain SQLite API calls; the struct we register is leaked
-        // and so outlives every connection.
-        unsafe {
-            let existing = ffi::sqlite3_vfs_find(VFS_NAME.as_ptr());
-            if !existing.is_null() {
-                // Someone (another copy of this library, say) got here first.
-                return Ok(());
+pub(crate) fn register_vfs() -> Result<(), (c_int, String)> {
+    REGISTERED
+        .get_or_init(|| {
+            // SAFETY: plain SQLite API calls; the struct we register is leaked
+            // and so outlives every connection.
+            unsafe {
+                let existing = ffi::sqlite3_vfs_find(VFS_NAME.as_ptr());
+                if !existing.is_null() {
+                    // Another copy of this library (a second .so file, e.g. the
+                    // Python package's beside target/release's) registered it:
+                    // two copies would each see the other's files as foreign.
+                    return Err((
+                    ffi::SQLITE_ERROR,
+                    "writelock: another copy of the extension is already loaded in this process \
+                     (VFS 'writelock' exists); load one copy only"
+                        .to_string(),
+                ));
+                }
+                let base = ffi::sqlite3_vfs_find(ptr::null());
+                if base.is_null() {
+                    return Err((
+                        ffi::SQLITE_ERROR,
+                        "writelock: SQLite has no default VFS to wrap".into(),
+                    ));
+                }
+                let b = &*base;
+                let v = Box::leak(Box::new(ffi::sqlite3_vfs {
+                    iVersion: b.iVersion.min(3),
+                    szOsFile: (INNER_OFFSET as c_int) + b.szOsFile,
+                    mxPathname: b.mxPathname,
+                    pNext: ptr::null_mut(),
+                    zName: VFS_NAME.as_ptr(),
+                    pAppData: base as *mut c_void,
+                    xOpen: Some(v_open),
+                    xDelete: Some(v_delete),
+                    xAccess: Some(v_access),
+                    xFullPathname: Some(v_full_pathname),
+                    xDlOpen: Some(v_dlopen),
+                    xDlError: Some(v_dlerror),
+                    xDlSym: Some(v_dlsym),
+                    xDlClose: Some(v_dlclose),
+                    xRandomness: Some(v_randomness),
+                    xSleep: Some(v_sleep),
+                    xCurrentTime: Some(v_current_time),
+                    xGetLastError: Some(v_get_last_error),
+                    xCurrentTimeInt64: Some(v_current_time_int64),
+                    xSetSystemCall: Some(v_set_system_call),
+                    xGetSystemCall: Some(v_get_system_call),
+                    xNextSystemCall: Some(v_next_system_call),
+                }));
+                let rc = ffi::sqlite3_vfs_register(v, 1);
+                if rc != ffi::SQLITE_OK {
+                    return Err((
+                        rc,
+                        format!("writelock: sqlite3_vfs_register failed with code {rc}"),
+                    ));
+                }
+                Ok(())
             }
-            let base = ffi::sqlite3_vfs_find(ptr::null());
-            if base.is_null() {
-                return Err(ffi::SQLITE_ERROR);
-            }
-            let b = &*base;
-            let v = Box::leak(Box::new(ffi::sqlite3_vfs {
-                iVersion: b.iVersion.min(3),
-                szOsFile: (INNER_OFFSET as c_int) + b.szOsFile,
-                mxPathname: b.mxPathname,
-                pNext: ptr::null_mut(),
-                zName: VFS_NAME.as_ptr(),
-                pAppData: base as *mut c_void,
-                xOpen: Some(v_open),
-                xDelete: Some(v_delete),
-                xAccess: Some(v_access),
-                xFullPathname: Some(v_full_pathname),
-                xDlOpen: Some(v_dlopen),
-                xDlError: Some(v_dlerror),
-                xDlSym: Some(v_dlsym),
-                xDlClose: Some(v_dlclose),
-                xRandomness: Some(v_randomness),
-                xSleep: Some(v_sleep),
-                xCurrentTime: Some(v_current_time),
-                xGetLastError: Some(v_get_last_error),
-                xCurrentTimeInt64: Some(v_current_time_int64),
-                xSetSystemCall: Some(v_set_system_call),
-                xGetSystemCall: Some(v_get_system_call),
-                xNextSystemCall: Some(v_next_system_call),
-            }));
-            let rc = ffi::sqlite3_vfs_register(v, 1);
-            if rc != ffi::SQLITE_OK {
-                return Err(rc);
-            }
-            Ok(())
-        }
-    })
+        })
+        .clone()
 }
 
 /// The path shown for a database in reports.

@@ -535,3 +535,31 @@ print("parent ok")
         assert!(outside_flock_free(&db));
     }
 }
+
+/// `load_extension()` from SQL on a connection that has the functions works;
+/// a second *copy* of the library (another .so file) is refused with a clear
+/// error instead of running beside the first one.
+#[test]
+fn reload_from_sql_works_and_a_second_copy_is_refused() {
+    let dir = tempdir();
+    let so = writelock_tests::so_path();
+    let mut sh = Shell::start(&dir.path().join("x.db"), Mode::Writelock);
+    let out = sh.run(&format!(
+        "SELECT load_extension('{}'); SELECT writelock_version();",
+        so.display()
+    ));
+    let version = out.lines().last().unwrap_or_default();
+    assert!(
+        version.starts_with("0."),
+        "reload worked, the functions too: {out:?}"
+    );
+    assert!(!out.contains("rror"), "{out:?}");
+    let copy = dir.path().join("copy.so");
+    std::fs::copy(&so, &copy).unwrap();
+    let out = sh.run(&format!(".load {} sqlite3_writelock_init", copy.display()));
+    assert!(
+        out.contains("another copy of the extension is already loaded"),
+        "{out:?}"
+    );
+    sh.finish();
+}

@@ -1,0 +1,483 @@
+//! The worker processes: `writelock-bench worker ROLE key=value...`.
+//!
+//! Roles:
+//! * `single` — one process, `n` one-row INSERT transactions per mode (after a
+//!   short warm-up), the three modes interleaved in blocks, each timed.
+//! * `writer` — the task-queue workload until the deadline: read the queue,
+//!   claim a task and insert a run (one write transaction), read the task and
+//!   the previous run's events, then insert three events, finish the run,
+//!   mark the task done and enqueue a follow-up (a second write transaction).
+//! * `reader` — short SELECTs (count by status, a join of runs and events)
+//!   every 2 ms, each timed.
+//!
+//! Every write transaction is `BEGIN IMMEDIATE … COMMIT`. Writer wait is the
+//! time from the start of the attempt (before the app-flock, before BEGIN) to
+//! the first statement after BEGIN succeeding, retries included. `busy`
+//! counts `SQLITE_BUSY` errors that reached the application, i.e. after the
+//! 5 s `busy_timeout` ran out. Each worker prints one JSON line on stdout.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use serde_json::{json, Value};
+
+use crate::common::{self, Journal, Mode};
+
+struct Args {
+    role: String,
+    db: PathBuf,
+    mode: Mode,
+    journal: Journal,
+    id: u64,
+    secs: f64,
+    start_ns: u128,
+    n: u64,
+    block: u64,
+}
+
+fn parse(args: &[String]) -> Args {
+    let role = args.first().cloned().expect("worker ROLE key=value...");
+    let mut kv = BTreeMap::new();
+    for a in &args[1..] {
+        let (k, v) = a.split_once('=').expect("worker arguments are key=value");
+        kv.insert(k.to_string(), v.to_string());
+    }
+    let get = |k: &str| kv.get(k).cloned();
+    Args {
+        role,
+        db: PathBuf::from(get("db").expect("db=PATH")),
+        mode: Mode::parse(&get("mode").unwrap_or_else(|| "stock".into())),
+        journal: Journal::parse(&get("journal").expect("journal=")),
+        id: get("id").map_or(0, |s| s.parse().unwrap()),
+        secs: get("secs").map_or(3.0, |s| s.parse().unwrap()),
+        start_ns: get("start").map_or(0, |s| s.parse().unwrap()),
+        n: get("n").map_or(2000, |s| s.parse().unwrap()),
+        block: get("block").map_or(100, |s| s.parse().unwrap()),
+    }
+}
+
+pub fn main(args: &[String]) {
+    let a = parse(args);
+    let out = match a.role.as_str() {
+        "single" => single(&a),
+        "writer" => writer(&a),
+        "reader" => reader(&a),
+        r => panic!("unknown worker role {r:?}"),
+    };
+    println!("{out}");
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::DatabaseBusy)
+}
+
+fn us(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e7).round() / 10.0
+}
+
+/// Sleep until the driver's common start time; returns the run's deadline.
+fn wait_for_start(a: &Args) -> Instant {
+    let now = common::now_ns();
+    if a.start_ns > now {
+        std::thread::sleep(Duration::from_nanos((a.start_ns - now) as u64));
+    }
+    Instant::now() + Duration::from_secs_f64(a.secs)
+}
+
+/// A connection plus the application-level flock (mode `app-flock` only) and
+/// the counters every write transaction updates.
+struct Writer {
+    conn: Connection,
+    app_lock: Option<File>,
+    waits_us: Vec<f64>,
+    busy: u64,
+    commits: u64,
+    give_up_at: Option<Instant>,
+}
+
+impl Writer {
+    fn new(db: &Path, mode: Mode, journal: Journal) -> Writer {
+        let conn = common::connect(db, mode, journal);
+        let app_lock = (mode == Mode::AppFlock).then(|| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(common::lock_path(db))
+                .expect("open <db>.lock")
+        });
+        Writer {
+            conn,
+            app_lock,
+            waits_us: Vec::new(),
+            busy: 0,
+            commits: 0,
+            give_up_at: None,
+        }
+    }
+
+    fn rollback(&self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn unlock(&self) {
+        if let Some(f) = &self.app_lock {
+            f.unlock().expect("flock(LOCK_UN)");
+        }
+    }
+
+    /// One write transaction. `body` runs after BEGIN IMMEDIATE and calls its
+    /// `mark` argument once its first statement succeeded. Retries the whole
+    /// transaction on SQLITE_BUSY (counted); returns None if it gave up.
+    fn tx<T>(
+        &mut self,
+        record: bool,
+        body: impl Fn(&Connection, &mut dyn FnMut()) -> rusqlite::Result<T>,
+    ) -> Option<T> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(f) = &self.app_lock {
+                f.lock().expect("flock(LOCK_EX)");
+            }
+            let mut first_ok: Option<Duration> = None;
+            let r = self.conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
+                body(&self.conn, &mut || {
+                    if first_ok.is_none() {
+                        first_ok = Some(t0.elapsed());
+                    }
+                })
+            });
+            let v = match r {
+                Ok(v) => v,
+                Err(e) if is_busy(&e) => {
+                    self.busy += 1;
+                    self.rollback();
+                    self.unlock();
+                    if self.gave_up(record, t0) {
+                        return None;
+                    }
+                    continue;
+                }
+                Err(e) => panic!("write transaction: {e}"),
+            };
+            // COMMIT can meet SQLITE_BUSY too (rollback journal: readers still
+            // hold SHARED when the busy timeout ends); retry it a few times.
+            let mut committed = false;
+            for _ in 0..3 {
+                match self.conn.execute_batch("COMMIT") {
+                    Ok(()) => {
+                        committed = true;
+                        break;
+                    }
+                    Err(e) if is_busy(&e) => self.busy += 1,
+                    Err(e) => panic!("COMMIT: {e}"),
+                }
+            }
+            if !committed {
+                self.rollback();
+            }
+            self.unlock();
+            if committed {
+                if record {
+                    let w = first_ok.unwrap_or_else(|| t0.elapsed());
+                    self.waits_us.push(us(w));
+                }
+                self.commits += 1;
+                return Some(v);
+            }
+            if self.gave_up(record, t0) {
+                return None;
+            }
+        }
+    }
+
+    /// After a failed attempt: past the deadline (plus one busy timeout),
+    /// record the censored wait and stop.
+    fn gave_up(&mut self, record: bool, t0: Instant) -> bool {
+        match self.give_up_at {
+            Some(t) if Instant::now() > t => {
+                if record {
+                    self.waits_us.push(us(t0.elapsed()));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The extension's own counters for this connection (`writelock_status()`),
+    /// or null without the extension.
+    fn extension_counters(&self) -> Value {
+        let s: Option<String> = self
+            .conn
+            .query_row("SELECT writelock_status()", [], |r| r.get(0))
+            .ok();
+        let Some(v) = s.and_then(|s| serde_json::from_str::<Value>(&s).ok()) else {
+            return Value::Null;
+        };
+        let d = &v["databases"][0];
+        let mut o = serde_json::Map::new();
+        for k in [
+            "protected",
+            "acquisitions",
+            "contended",
+            "busy",
+            "wait_total_ms",
+            "wait_max_ms",
+            "hold_max_ms",
+        ] {
+            if let Some(x) = d.get(k) {
+                o.insert(k.into(), x.clone());
+            }
+        }
+        if let Some(ver) = v.get("version") {
+            o.insert("version".into(), ver.clone());
+        }
+        Value::Object(o)
+    }
+}
+
+/// One process, one database per mode (`db` is the directory holding
+/// `stock/`, `app-flock/` and `writelock/`), `n` one-row INSERT transactions
+/// per mode, run in blocks of `block` transactions that rotate through the
+/// modes, so slow phases of the disk (fsync latency drifts a lot on shared
+/// machines) hit every mode alike. Stock connections use VFS `unix`
+/// explicitly, so loading the extension into this process does not touch them.
+fn single(a: &Args) -> Value {
+    let mut ws: Vec<(Mode, Writer)> = Mode::ALL
+        .iter()
+        .map(|&m| {
+            (
+                m,
+                Writer::new(&a.db.join(m.name()).join("bench.db"), m, a.journal),
+            )
+        })
+        .collect();
+    let row = common::payload(a.id, 100);
+    let insert = |c: &Connection, mark: &mut dyn FnMut()| {
+        c.prepare_cached("INSERT INTO single(v) VALUES (?1)")?
+            .execute([&row])?;
+        mark();
+        Ok(())
+    };
+    for (_, w) in ws.iter_mut() {
+        for _ in 0..100 {
+            w.tx(false, insert);
+        }
+    }
+    let mut elapsed = [Duration::ZERO; 3];
+    let mut blocks_ns: [Vec<u64>; 3] = Default::default();
+    let blocks = a.n.div_ceil(a.block.max(1));
+    for b in 0..blocks {
+        let todo = a.block.min(a.n - b * a.block);
+        for k in 0..ws.len() {
+            let i = (k + b as usize) % ws.len();
+            let w = &mut ws[i].1;
+            let t = Instant::now();
+            for _ in 0..todo {
+                w.tx(false, insert);
+            }
+            let d = t.elapsed();
+            elapsed[i] += d;
+            blocks_ns[i].push(d.as_nanos() as u64);
+        }
+    }
+    let per_mode: serde_json::Map<String, Value> = ws
+        .iter()
+        .zip(elapsed)
+        .map(|((m, _), e)| (m.name().to_string(), json!(e.as_nanos() as u64)))
+        .collect();
+    let ext = ws
+        .iter()
+        .find(|(m, _)| *m == Mode::Writelock)
+        .map_or(Value::Null, |(_, w)| w.extension_counters());
+    json!({
+        "role": "single",
+        "journal": a.journal.name(),
+        "n": a.n,
+        "block": a.block,
+        "elapsed_ns": per_mode,
+        "blocks_ns": ws
+            .iter()
+            .zip(&blocks_ns)
+            .map(|((m, _), b)| (m.name().to_string(), json!(b)))
+            .collect::<serde_json::Map<String, Value>>(),
+        "busy": ws.iter().map(|(_, w)| w.busy).sum::<u64>(),
+        "sqlite_version": rusqlite::version(),
+        "extension": ext,
+    })
+}
+
+/// The task-queue writer.
+fn writer(a: &Args) -> Value {
+    let mut w = Writer::new(&a.db, a.mode, a.journal);
+    let me = a.id as i64;
+    let mut reads = 0u64;
+    let mut prev_run: i64 = 0;
+    let mut seq = 0u64;
+    let deadline = wait_for_start(a);
+    w.give_up_at = Some(deadline + common::BUSY_TIMEOUT);
+    let read_busy = std::cell::Cell::new(0u64);
+    let read = |c: &Connection, f: &dyn Fn(&Connection) -> rusqlite::Result<()>| loop {
+        match f(c) {
+            Ok(()) => break,
+            Err(e) if is_busy(&e) => read_busy.set(read_busy.get() + 1),
+            Err(e) => panic!("read: {e}"),
+        }
+    };
+    while Instant::now() < deadline {
+        seq += 1;
+        // Read: how much work is there?
+        read(&w.conn, &|c| {
+            c.prepare_cached("SELECT count(*) FROM tasks WHERE status = 'pending'")?
+                .query_row([], |r| r.get::<_, i64>(0))
+                .map(|_| ())
+        });
+        reads += 1;
+        // Write 1: claim a task, start a run.
+        let claimed = w.tx(true, |c, mark| {
+            let now = common::now_us();
+            let task: Option<i64> = c
+                .prepare_cached(
+                    "UPDATE tasks SET status = 'running', worker = ?1, claimed_at = ?2
+                     WHERE id = (SELECT id FROM tasks WHERE status = 'pending' ORDER BY id LIMIT 1)
+                     RETURNING id",
+                )?
+                .query_row(params![me, now], |r| r.get(0))
+                .optional()?;
+            mark();
+            let task = match task {
+                Some(t) => t,
+                None => {
+                    c.prepare_cached(
+                        "INSERT INTO tasks(status, worker, payload, created_at, claimed_at)
+                         VALUES ('running', ?1, 'refill', ?2, ?2)",
+                    )?
+                    .execute(params![me, now])?;
+                    c.last_insert_rowid()
+                }
+            };
+            c.prepare_cached(
+                "INSERT INTO runs(task_id, worker, started_at, status) VALUES (?1, ?2, ?3, 'running')",
+            )?
+            .execute(params![task, me, now])?;
+            Ok((task, c.last_insert_rowid()))
+        });
+        let Some((task, run)) = claimed else { break };
+        if Instant::now() >= deadline {
+            break;
+        }
+        // Read: the task's payload and what the previous run logged.
+        read(&w.conn, &|c| {
+            let _p: String = c
+                .prepare_cached("SELECT payload FROM tasks WHERE id = ?1")?
+                .query_row([task], |r| r.get(0))?;
+            let mut st = c.prepare_cached(
+                "SELECT kind, count(*), max(at) FROM events WHERE run_id = ?1 GROUP BY kind",
+            )?;
+            let n = st
+                .query_map([prev_run], |r| r.get::<_, i64>(1))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .len();
+            std::hint::black_box(n);
+            Ok(())
+        });
+        reads += 1;
+        // Write 2: log events, finish the run and the task, enqueue a follow-up.
+        let body = common::payload(seq ^ (me as u64) << 32, 120);
+        let done = w.tx(true, |c, mark| {
+            let now = common::now_us();
+            let mut ev = c.prepare_cached(
+                "INSERT INTO events(run_id, kind, payload, at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            ev.execute(params![run, "start", &body, now])?;
+            mark();
+            ev.execute(params![run, "log", &body, now])?;
+            ev.execute(params![run, "done", &body, now])?;
+            c.prepare_cached("UPDATE runs SET finished_at = ?2, status = 'ok' WHERE id = ?1")?
+                .execute(params![run, now])?;
+            c.prepare_cached("UPDATE tasks SET status = 'done', done_at = ?2 WHERE id = ?1")?
+                .execute(params![task, now])?;
+            c.prepare_cached(
+                "INSERT INTO tasks(status, payload, created_at) VALUES ('pending', ?1, ?2)",
+            )?
+            .execute(params![&body, now])?;
+            Ok(())
+        });
+        if done.is_none() {
+            break;
+        }
+        prev_run = run;
+    }
+    json!({
+        "role": "writer",
+        "id": a.id,
+        "commits": w.commits,
+        "busy": w.busy,
+        "read_busy": read_busy.get(),
+        "reads": reads,
+        "waits_us": w.waits_us,
+        "cpu_ms": cpu_ms(),
+        "extension": w.extension_counters(),
+    })
+}
+
+/// CPU time this process used so far, in ms (`/proc/self/schedstat`, ns
+/// on CPU): pollers that burn CPU slow down the lock holder on a small machine.
+fn cpu_ms() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/schedstat").ok()?;
+    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns / 1e6)
+}
+
+/// The reader: short SELECTs, each timed, 2 ms apart.
+fn reader(a: &Args) -> Value {
+    let conn = common::connect(&a.db, a.mode, a.journal);
+    let deadline = wait_for_start(a);
+    let mut lat = Vec::new();
+    let mut busy = 0u64;
+    let queries = [
+        "SELECT status, count(*) FROM tasks WHERE status IN ('pending', 'running') GROUP BY status",
+        "SELECT r.id, r.worker, t.status, count(e.id)
+           FROM runs r JOIN tasks t ON t.id = r.task_id LEFT JOIN events e ON e.run_id = r.id
+          WHERE r.id > (SELECT coalesce(max(id), 0) - 20 FROM runs)
+          GROUP BY r.id",
+    ];
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let q = queries[i % queries.len()];
+        i += 1;
+        let t = Instant::now();
+        let r = (|| -> rusqlite::Result<usize> {
+            let mut st = conn.prepare_cached(q)?;
+            let n = st
+                .query_map([], |r| r.get::<_, rusqlite::types::Value>(1))?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+                .len();
+            Ok(n)
+        })();
+        match r {
+            Ok(n) => {
+                std::hint::black_box(n);
+                lat.push(us(t.elapsed()));
+            }
+            Err(e) if is_busy(&e) => {
+                busy += 1;
+                lat.push(us(t.elapsed()));
+            }
+            Err(e) => panic!("reader: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    json!({
+        "role": "reader",
+        "reads": lat.len(),
+        "busy": busy,
+        "lat_us": lat,
+    })
+}

@@ -1,0 +1,1 @@
+python -m sqlite_writelock run app.py --its-args   # an unmodified program (or: run -m module)

@@ -1,0 +1,7 @@
+import sqlite3
+
+import sqlite_writelock
+
+sqlite_writelock.install()  # once per process, before opening connections
+con = sqlite3.connect("app.db")  # protected
+print(con.execute("SELECT writelock_status()").fetchone()[0])

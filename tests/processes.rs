@@ -479,10 +479,13 @@ fn connection_used_after_fork_is_refused() {
         eprintln!("skipped: no /usr/bin/python3");
         return;
     }
-    for mode in Mode::BOTH {
+    for (journal, mode) in JOURNAL_MODES
+        .iter()
+        .flat_map(|j| Mode::BOTH.map(|m| (*j, m)))
+    {
         let dir = tempdir();
         let db = dir.path().join("app.db");
-        create_db(&db, "delete");
+        create_db(&db, journal);
         let script = r#"
 import os, sqlite3, sys
 db, so, vfs = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -562,4 +565,119 @@ fn reload_from_sql_works_and_a_second_copy_is_refused() {
         "{out:?}"
     );
     sh.finish();
+}
+
+/// Two SQLite libraries in one process — Python's stdlib `sqlite3` on the
+/// system library and `apsw` with its own bundled copy — both loading the
+/// extension: the second is refused with a clear error (never served through
+/// the first library's API), and the first keeps working.
+#[test]
+fn second_sqlite_library_in_one_process_is_refused() {
+    let py = Path::new("/usr/bin/python3");
+    if !py.exists() {
+        eprintln!("skipped: no /usr/bin/python3");
+        return;
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/apsw-venv");
+    let vpy = venv.join("bin/python");
+    if !vpy.exists() {
+        let ok = std::process::Command::new(py)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "python3 -m venv failed");
+    }
+    let ok = std::process::Command::new(&vpy)
+        .args(["-m", "pip", "install", "-q", "apsw"])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "pip install apsw failed");
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "wal");
+    let script = r#"
+import sqlite3, sys, json
+import apsw
+db, so = sys.argv[1], sys.argv[2]
+boot = sqlite3.connect(":memory:")
+boot.enable_load_extension(True)
+boot.load_extension(so)
+other = apsw.Connection(":memory:")
+other.enable_load_extension(True)
+try:
+    other.load_extension(so)
+    print("second: loaded")
+except apsw.Error as e:
+    print("second:", e)
+con = sqlite3.connect(db)
+with con:
+    con.execute("INSERT INTO t VALUES (5)")
+s = json.loads(con.execute("SELECT writelock_status()").fetchone()[0])
+print("first: protected", s["databases"][0]["protected"], sqlite3.sqlite_version, apsw.sqlite_lib_version())
+"#;
+    let out = std::process::Command::new(&vpy)
+        .args(["-c", script])
+        .arg(&db)
+        .arg(writelock_tests::so_path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("second:")
+            && stdout.contains("already loaded into a different SQLite library"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("first: protected True"), "{stdout}");
+    eprintln!("{stdout}");
+}
+
+/// Odd paths: a directory name that is not UTF-8, and a database path near
+/// SQLite's path limit (stock fails from ~505 bytes, as we do). Both work and
+/// get their lock file; a path over the limit fails as in stock SQLite.
+#[test]
+fn odd_paths_work_or_fail_like_stock() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempdir();
+    let weird = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9-\xff"));
+    std::fs::create_dir(&weird).unwrap();
+    let mut long = dir.path().to_path_buf();
+    while long.as_os_str().len() < 440 {
+        long.push("d".repeat(60));
+    }
+    std::fs::create_dir_all(&long).unwrap();
+    let pad = 500 - long.as_os_str().len() - "/.db".len();
+    let long_db = long.join(format!("{}.db", "x".repeat(pad)));
+    assert!(
+        long_db.as_os_str().len() <= 505,
+        "{}",
+        long_db.as_os_str().len()
+    );
+    for db in [weird.join("app.db"), long_db] {
+        for mode in Mode::BOTH {
+            let c = open(&db, mode);
+            c.execute_batch("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);")
+                .unwrap();
+            assert_eq!(
+                lock_path(&db).exists(),
+                mode == Mode::Writelock || lock_path(&db).exists()
+            );
+        }
+        assert!(lock_path(&db).exists(), "{}", db.display());
+    }
+    let too_long = long.join("y".repeat(200) + ".db");
+    for mode in Mode::BOTH {
+        writelock_tests::load_extension();
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_CREATE;
+        let r = Connection::open_with_flags_and_vfs(&too_long, flags, mode.vfs());
+        assert!(r.is_err(), "{mode:?}: SQLite's own limit");
+    }
 }

@@ -108,4 +108,44 @@ mod tests {
             "unchanged on error"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any name and value: never a panic; an error names the option;
+            /// an accepted value reads back and re-parses to the same options.
+            #[test]
+            fn any_input_is_accepted_consistently_or_named_in_the_error(
+                name in prop_oneof![
+                    prop::sample::select(NAMES.to_vec()).prop_map(String::from),
+                    "writelock_[a-z_]{0,12}",
+                    ".{0,20}",
+                ],
+                value in prop_oneof![".{0,12}", "[0-9]{1,9}", " ?[0-9]{1,7} ?", "(yes|no|on|off|true|false|YES|2)"],
+            ) {
+                let mut o = Options::default();
+                match o.set(&name, &value) {
+                    Ok(()) => {
+                        let shown = o.get(&name).unwrap();
+                        let mut again = Options::default();
+                        again.set(&name, &shown).unwrap();
+                        prop_assert_eq!(again.get(&name).unwrap(), shown);
+                    }
+                    Err(e) => {
+                        prop_assert!(e.contains(&name), "{}", e);
+                        prop_assert_eq!(o, Options::default(), "unchanged on error");
+                    }
+                }
+            }
+
+            #[test]
+            fn milliseconds_round_trip(ms in 0u64..=3_600_000) {
+                let mut o = Options::default();
+                o.set("writelock_hold_warn_ms", &ms.to_string()).unwrap();
+                prop_assert_eq!(o.hold_warn, Duration::from_millis(ms));
+            }
+        }
+    }
 }

@@ -100,6 +100,11 @@ pub fn lock_path_for(db_path: &Path) -> PathBuf {
 /// EXCLUSIVE locks. The file stays empty; locks beyond EOF are fine.
 const SHADOW_BYTE: i64 = 0;
 
+/// Byte of `<db>.lock` that shadows SQLite's PENDING lock: held (OFD write
+/// lock) by a writer waiting for EXCLUSIVE, so that new readers wait instead
+/// of starving it.
+const PENDING_BYTE: i64 = 1;
+
 /// The OFD shadow lock a handle holds (see [`LockFile::shadow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shadow {
@@ -376,19 +381,45 @@ impl LockFile {
     /// `flock()`, so the `flock(1)` contract on `<db>.lock` is unchanged. A
     /// failed upgrade leaves the read lock in place.
     pub fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
-        self.check_pid()?;
         let l_type = match to {
             Shadow::Unlocked => libc::F_UNLCK,
             Shadow::Read => libc::F_RDLCK,
             Shadow::Write => libc::F_WRLCK,
         };
-        let fl = libc::flock {
+        self.ofd_lock(SHADOW_BYTE, l_type)
+    }
+
+    /// Take (`true`) or drop the OFD write lock on the pending byte.
+    pub fn pending(&mut self, on: bool) -> Result<bool, LockError> {
+        self.ofd_lock(PENDING_BYTE, if on { libc::F_WRLCK } else { libc::F_UNLCK })
+    }
+
+    /// Whether another handle holds the pending byte (a writer waits for
+    /// EXCLUSIVE). Asks with `F_OFD_GETLK`, which takes nothing.
+    pub fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
+        self.check_pid()?;
+        let mut fl = Self::ofd_flock(PENDING_BYTE, libc::F_RDLCK);
+        nix::fcntl::fcntl(self.file(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+            .map(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
+            .map_err(|errno| LockError::Flock {
+                path: self.path.clone(),
+                errno,
+            })
+    }
+
+    fn ofd_flock(byte: i64, l_type: libc::c_int) -> libc::flock {
+        libc::flock {
             l_type: l_type as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: SHADOW_BYTE,
+            l_start: byte,
             l_len: 1,
             l_pid: 0, // F_OFD_* requires 0
-        };
+        }
+    }
+
+    fn ofd_lock(&mut self, byte: i64, l_type: libc::c_int) -> Result<bool, LockError> {
+        self.check_pid()?;
+        let fl = Self::ofd_flock(byte, l_type);
         match nix::fcntl::fcntl(self.file(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
             Ok(_) => Ok(true),
             Err(Errno::EAGAIN) | Err(Errno::EACCES) | Err(Errno::EINTR) => Ok(false),
@@ -509,6 +540,11 @@ mod tests {
         assert!(b.shadow(Shadow::Unlocked).unwrap());
         assert!(a.shadow(Shadow::Write).unwrap());
         assert!(!b.shadow(Shadow::Read).unwrap(), "a writes");
+        // The pending byte: seen by others, not by its holder.
+        assert!(a.pending(true).unwrap());
+        assert!(b.pending_elsewhere().unwrap() && !a.pending_elsewhere().unwrap());
+        assert!(a.pending(false).unwrap());
+        assert!(!b.pending_elsewhere().unwrap());
         // Independent of flock: the flock(1) contract is untouched.
         assert!(b.try_lock().unwrap());
         // A close() of another descriptor on the file does not drop OFD locks.

@@ -42,6 +42,10 @@ pub trait WriterFlock {
     fn held_elsewhere(&mut self) -> Result<bool, LockError>;
     /// Set the shadow lock without blocking: `Ok(false)` when it conflicts.
     fn shadow(&mut self, to: Shadow) -> Result<bool, LockError>;
+    /// Take or drop the pending marker (a writer waiting for EXCLUSIVE).
+    fn pending(&mut self, on: bool) -> Result<bool, LockError>;
+    /// Whether another handle holds the pending marker.
+    fn pending_elsewhere(&mut self) -> Result<bool, LockError>;
     /// Who holds the lock now, for a log message (None if unknown).
     fn describe_holder(&self) -> Option<String> {
         None
@@ -60,6 +64,12 @@ impl WriterFlock for crate::lockfile::LockFile {
     }
     fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
         crate::lockfile::LockFile::shadow(self, to)
+    }
+    fn pending(&mut self, on: bool) -> Result<bool, LockError> {
+        crate::lockfile::LockFile::pending(self, on)
+    }
+    fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
+        crate::lockfile::LockFile::pending_elsewhere(self)
     }
     fn describe_holder(&self) -> Option<String> {
         let h = crate::holder::current_holder(self.path())?;
@@ -122,6 +132,10 @@ pub struct Protocol<F> {
     shm_excl: u32,
     shm_shared: u32,
     shadow: Shadow,
+    /// Holding the pending marker (waiting for, or holding, EXCLUSIVE).
+    pending: bool,
+    /// EXCLUSIVE was refused for readers while RESERVED (see `try_shadow_write`).
+    exclusive_wanted: bool,
     why: u8,
     held: bool,
     /// Last error from the lock file, kept for messages and status.
@@ -172,6 +186,8 @@ impl<F: WriterFlock> Protocol<F> {
             shm_excl: 0,
             shm_shared: 0,
             shadow: Shadow::Unlocked,
+            pending: false,
+            exclusive_wanted: false,
             why: 0,
             held: false,
             last_error: None,
@@ -348,6 +364,15 @@ impl<F: WriterFlock> Protocol<F> {
         self.expire_intent();
         let took_read = self.shadow == Shadow::Unlocked;
         if took_read {
+            // Like SQLite's PENDING: a writer waiting for EXCLUSIVE stops new readers.
+            match self.flock.pending_elsewhere() {
+                Ok(false) => {}
+                Ok(true) => return self.busy(),
+                Err(e) => {
+                    self.note_error(ffi::SQLITE_IOERR_LOCK, e);
+                    return ffi::SQLITE_IOERR_LOCK;
+                }
+            }
             match self.set_shadow(Shadow::Read) {
                 Ok(true) => {}
                 Ok(false) => return self.busy(), // a writer holds EXCLUSIVE
@@ -364,12 +389,25 @@ impl<F: WriterFlock> Protocol<F> {
             }
         }
         let took_write = level >= ffi::SQLITE_LOCK_EXCLUSIVE && self.shadow != Shadow::Write;
+        let took_pending = took_write && !self.pending;
+        if took_pending {
+            // Only flock holders get here, so nobody else holds it.
+            if self.flock.pending(true).unwrap_or(false) {
+                self.pending = true;
+            }
+        }
         if took_write {
             let r = self.set_shadow(Shadow::Write);
             if r != Ok(true) {
                 // Other handles are reading (or, in WAL mode, attached).
+                // Still RESERVED, a writer keeps its pending marker, as SQLite
+                // keeps PENDING, so the readers drain; its busy handler's
+                // sleep then watches for them to finish.
                 if newly {
+                    self.drop_pending();
                     self.leave(why::XLOCK);
+                } else {
+                    self.exclusive_wanted = true;
                 }
                 if took_read {
                     self.lower_shadow(Shadow::Unlocked);
@@ -388,6 +426,7 @@ impl<F: WriterFlock> Protocol<F> {
                 self.lower_shadow(Shadow::Read);
             }
             if newly {
+                self.drop_pending();
                 self.leave(why::XLOCK);
             }
             if took_read {
@@ -412,6 +451,9 @@ impl<F: WriterFlock> Protocol<F> {
             if want != self.shadow && !(want == Shadow::Read && self.shadow == Shadow::Unlocked) {
                 self.lower_shadow(want);
             }
+            if level < ffi::SQLITE_LOCK_EXCLUSIVE {
+                self.drop_pending();
+            }
             if level < ffi::SQLITE_LOCK_RESERVED {
                 self.leave(why::XLOCK);
             }
@@ -420,6 +462,37 @@ impl<F: WriterFlock> Protocol<F> {
             }
         }
         rc
+    }
+
+    /// Whether the last refusal was EXCLUSIVE waiting for readers, clearing it.
+    pub fn take_exclusive_request(&mut self) -> bool {
+        std::mem::take(&mut self.exclusive_wanted)
+    }
+
+    /// From the busy handler's sleep of a RESERVED writer waiting for
+    /// readers: take the shadow write lock as soon as they are gone, so the
+    /// retry's EXCLUSIVE goes through. New readers are kept out by the
+    /// pending marker meanwhile. `true` when taken (or already held).
+    pub fn try_shadow_write(&mut self) -> bool {
+        if self.shadow == Shadow::Write {
+            return true;
+        }
+        if !self.held || self.why & why::XLOCK == 0 || self.level < ffi::SQLITE_LOCK_RESERVED {
+            return false;
+        }
+        self.set_shadow(Shadow::Write) == Ok(true)
+    }
+
+    fn drop_pending(&mut self) {
+        if self.pending {
+            let _ = self.flock.pending(false);
+            self.pending = false;
+        }
+    }
+
+    /// Whether the pending marker is held (for tests and status).
+    pub fn pending_held(&self) -> bool {
+        self.pending
     }
 
     /// Release a write intent that was never used (called on every entry).
@@ -613,6 +686,7 @@ impl<F: WriterFlock> Protocol<F> {
     /// `xClose`: whatever happened, no lock outlives the handle.
     pub fn close(&mut self) {
         self.closed = true;
+        self.drop_pending();
         self.intent_since = None;
         if self.shadow != Shadow::Unlocked {
             self.lower_shadow(Shadow::Unlocked);
@@ -647,6 +721,9 @@ mod tests {
         /// Another handle holds the shadow write (writing the db file).
         other_writing: bool,
         shadow: Option<Shadow>,
+        /// Another handle holds the pending marker.
+        other_pending: bool,
+        pending: bool,
     }
     impl WriterFlock for Fake {
         fn try_acquire(&mut self) -> Result<bool, LockError> {
@@ -665,6 +742,13 @@ mod tests {
         }
         fn held_elsewhere(&mut self) -> Result<bool, LockError> {
             Ok(self.contended)
+        }
+        fn pending(&mut self, on: bool) -> Result<bool, LockError> {
+            self.pending = on;
+            Ok(true)
+        }
+        fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
+            Ok(self.other_pending)
         }
         fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
             // Holding the write lock ourselves, nobody else holds anything.
@@ -883,6 +967,26 @@ mod tests {
         assert_eq!(g.lock(EXCL, || panic!("must not be tried")), SQLITE_BUSY);
         assert!(!g.holds() && !g.flock.held);
         assert_eq!(g.shadow_held(), Shadow::Read);
+    }
+
+    #[test]
+    fn pending_marker_stops_new_readers_and_lasts_while_reserved() {
+        let mut r = p();
+        r.flock.other_pending = true;
+        assert_eq!(r.lock(SHARED, || panic!("must wait")), SQLITE_BUSY);
+        let mut w = p();
+        w.flock.others_reading = true;
+        w.lock(SHARED, || SQLITE_OK);
+        w.lock(RES, || SQLITE_OK);
+        assert_eq!(w.lock(EXCL, || SQLITE_OK), SQLITE_BUSY);
+        assert!(
+            w.pending_held() && w.flock.pending,
+            "kept while RESERVED and waiting"
+        );
+        w.flock.others_reading = false;
+        assert_eq!(w.lock(EXCL, || SQLITE_OK), SQLITE_OK);
+        w.unlock(SHARED, || SQLITE_OK);
+        assert!(!w.pending_held() && !w.flock.pending);
     }
 
     #[test]
@@ -1126,6 +1230,9 @@ mod tests {
                     if level < RES && excl & (SLOT_WRITE | SLOT_CKPT) == 0 {
                         prop_assert!(!h.holds(), "not a writer, yet holds the flock");
                     }
+                    if level < EXCL && !h.holds() {
+                        prop_assert!(!h.pending_held(), "pending marker without being a writer");
+                    }
                     match level {
                         NONE => prop_assert_eq!(h.shadow_held(), Shadow::Unlocked),
                         EXCL => prop_assert_eq!(h.shadow_held(), Shadow::Write),
@@ -1134,6 +1241,7 @@ mod tests {
                 }
                 h.close();
                 prop_assert!(!h.flock.held, "never after close");
+                prop_assert!(!h.flock.pending, "no pending marker after close");
                 prop_assert_eq!(h.flock.acquires, h.flock.releases);
             }
         }

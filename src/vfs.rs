@@ -81,7 +81,16 @@ pub(crate) struct Handle {
 thread_local! {
     /// The handle whose last escalation on this thread was refused for the
     /// flock, and when: the busy handler's sleep that follows may wait for it.
-    static WANTS_LOCK: RefCell<Option<(WeakShared, Instant)>> = const { RefCell::new(None) };
+    static WANTS_LOCK: RefCell<Option<(WeakShared, Instant, Want)>> = const { RefCell::new(None) };
+}
+
+/// What a refused handle waits for in its busy handler's sleep.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// The flock (queue as a write intent).
+    Flock,
+    /// Other handles' read locks to go (a RESERVED writer wanting EXCLUSIVE).
+    Readers,
 }
 
 /// A refusal older than this is not the one the current sleep is for.
@@ -98,9 +107,14 @@ fn lock_proto(h: &Handle) -> MutexGuard<'_, Protocol<LockFile>> {
 fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int {
     let mut p = lock_proto(m);
     let rc = op(&mut p);
-    if p.take_intent_request() && rc == ffi::SQLITE_BUSY {
+    let want = match (p.take_intent_request(), p.take_exclusive_request()) {
+        (true, _) => Some(Want::Flock),
+        (_, true) => Some(Want::Readers),
+        _ => None,
+    };
+    if let (Some(want), ffi::SQLITE_BUSY) = (want, rc) {
         let w = Arc::downgrade(m);
-        WANTS_LOCK.with(|c| *c.borrow_mut() = Some((w, Instant::now())));
+        WANTS_LOCK.with(|c| *c.borrow_mut() = Some((w, Instant::now(), want)));
     }
     if let Some((code, msg)) = p.unlogged.take() {
         drop(p);
@@ -779,14 +793,38 @@ unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mu
 /// (SQLite counts that against busy_timeout), and only while the handle holds
 /// nothing a writer needs.
 fn sleep_for_lock(us: c_int) -> Option<c_int> {
-    let (w, at) = WANTS_LOCK.with(|c| c.borrow_mut().take())?;
+    let (w, at, want) = WANTS_LOCK.with(|c| c.borrow_mut().take())?;
     if at.elapsed() > INTENT_FRESH {
         return None;
     }
     let h = w.upgrade()?;
     let start = Instant::now();
-    wait_for_lock(&h, Duration::from_micros(us.max(0) as u64), true)?;
+    let dur = Duration::from_micros(us.max(0) as u64);
+    match want {
+        Want::Flock => {
+            wait_for_lock(&h, dur, true)?;
+        }
+        Want::Readers => wait_for_readers(&h, start + dur),
+    }
     Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
+}
+
+/// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
+/// SQLite's whole backoff step, check every 200 us whether they are gone
+/// (only the one flock holder can be here, and new readers are held off by
+/// its pending marker), up to the requested time. It holds RESERVED and the
+/// flock meanwhile, exactly as in SQLite's own sleep.
+fn wait_for_readers(h: &Shared, deadline: Instant) {
+    loop {
+        if lock_proto(h).try_shadow_write() {
+            return;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+    }
 }
 
 /// Queue for the flock for at most `dur`, holding it as a write intent when

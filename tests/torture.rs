@@ -42,7 +42,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
-use writelock_tests::{outside_flock_free, tempdir, Mode, Shell};
+use writelock_tests::{outside_flock_free, tempdir, Mode, Rng, Shell};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_torture_worker");
 const JOURNALS: [&str; 2] = ["delete", "wal"];
@@ -87,22 +87,6 @@ fn xfail(journal: &str) -> bool {
         .unwrap_or_default()
         .split(',')
         .any(|j| j.trim().eq_ignore_ascii_case(journal))
-}
-
-/// splitmix64, for kill timings.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
 }
 
 // ------------------------------------------------------------- processes

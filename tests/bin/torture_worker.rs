@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use writelock_tests::Rng;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum AppMode {
@@ -98,28 +99,6 @@ fn parse_args() -> Cfg {
         id: get("id").map_or(0, |s| s.parse().unwrap()),
         probe: get("probe").is_none_or(|p| p != "0"),
         busy: Duration::from_millis(get("busy").map_or(5000, |s| s.parse().unwrap())),
-    }
-}
-
-/// splitmix64: small, seeded, good enough to vary timing and sizes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
     }
 }
 

@@ -7,15 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use writelock_tests::{cli_path, lock_path, open, tempdir, FlockHolder, Mode, Shell};
-
-fn create_db(db: &Path, journal: &str) {
-    let c = open(db, Mode::Stock);
-    c.execute_batch(&format!(
-        "PRAGMA journal_mode={journal}; CREATE TABLE t(x);"
-    ))
-    .unwrap();
-}
+use writelock_tests::{cli_path, create_table, lock_path, open, tempdir, FlockHolder, Mode, Shell};
 
 fn status_json(db: &Path) -> Value {
     let out = Command::new(cli_path())
@@ -33,7 +25,7 @@ fn status_names_the_holder_while_a_transaction_is_open() {
         for mode in Mode::BOTH {
             let dir = tempdir();
             let db = dir.path().join("app.db");
-            create_db(&db, journal);
+            create_table(&db, journal);
             let mut sh = Shell::start(&db, mode);
             sh.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
             let v = status_json(&db);
@@ -81,7 +73,7 @@ fn run_holds_the_lock_for_the_command_and_passes_its_status() {
     for mode in Mode::BOTH {
         let dir = tempdir();
         let db = dir.path().join("app.db");
-        create_db(&db, "wal");
+        create_table(&db, "wal");
         let mut job = Command::new(cli_path())
             .arg("run")
             .arg(&db)
@@ -113,7 +105,7 @@ fn run_holds_the_lock_for_the_command_and_passes_its_status() {
 fn run_times_out_with_75_naming_the_holder() {
     let dir = tempdir();
     let db = dir.path().join("app.db");
-    create_db(&db, "delete");
+    create_table(&db, "delete");
     let holder = FlockHolder::hold(&lock_path(&db));
     let out = Command::new(cli_path())
         .arg("run")
@@ -141,7 +133,7 @@ fn run_times_out_with_75_naming_the_holder() {
 fn run_lets_the_command_borrow_the_lock() {
     let dir = tempdir();
     let db = dir.path().join("app.db");
-    create_db(&db, "delete");
+    create_table(&db, "delete");
     let so = writelock_tests::so_path();
     let out = Command::new(cli_path())
         .arg("run")
@@ -169,7 +161,7 @@ fn run_lets_the_command_borrow_the_lock() {
 fn watch_sees_a_hold_come_and_go() {
     let dir = tempdir();
     let db = dir.path().join("app.db");
-    create_db(&db, "wal");
+    create_table(&db, "wal");
     std::fs::File::create(lock_path(&db)).unwrap();
     let mut watch = Command::new(cli_path())
         .arg("watch")

@@ -12,12 +12,11 @@ use writelock_tests::{lock_path, open, outside_flock_free, tempdir, FlockHolder,
 
 const JOURNAL_MODES: [&str; 2] = ["delete", "wal"];
 
+/// Table `t(x)` with one row.
 fn create_db(db: &Path, journal: &str) {
+    writelock_tests::create_table(db, journal);
     let c = open(db, Mode::Stock);
-    c.execute_batch(&format!(
-        "PRAGMA journal_mode={journal}; CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (0);"
-    ))
-    .unwrap();
+    c.execute("INSERT INTO t VALUES (0)", []).unwrap();
 }
 
 fn count(db: &Path) -> i64 {

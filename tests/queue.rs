@@ -5,15 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use writelock_tests::{open, tempdir, Mode, Shell};
-
-fn create_db(db: &Path, journal: &str) {
-    let c = open(db, Mode::Stock);
-    c.execute_batch(&format!(
-        "PRAGMA journal_mode={journal}; CREATE TABLE IF NOT EXISTS t(x);"
-    ))
-    .unwrap();
-}
+use writelock_tests::{create_table, open, tempdir, Mode, Shell};
 
 /// Two connections in one thread: the second writer waits its busy_timeout
 /// for a lock its own thread holds, then gets `database is locked`.
@@ -23,7 +15,7 @@ fn two_connections_in_one_thread_time_out() {
         for mode in Mode::BOTH {
             let dir = tempdir();
             let db = dir.path().join("app.db");
-            create_db(&db, journal);
+            create_table(&db, journal);
             let a = open(&db, mode);
             let b = open(&db, mode);
             b.busy_timeout(Duration::from_millis(300)).unwrap();
@@ -56,7 +48,7 @@ fn deferred_upgrade_is_busy_at_once() {
         for mode in Mode::BOTH {
             let dir = tempdir();
             let db = dir.path().join("app.db");
-            create_db(&db, journal);
+            create_table(&db, journal);
             let mut holder = Shell::start(&db, mode);
             let b = open(&db, mode);
             b.busy_timeout(Duration::from_millis(3000)).unwrap();
@@ -89,8 +81,8 @@ fn attached_databases_in_opposite_orders_never_hang() {
         let dir = tempdir();
         let a = dir.path().join("a.db");
         let b = dir.path().join("b.db");
-        create_db(&a, "wal");
-        create_db(&b, "delete");
+        create_table(&a, "wal");
+        create_table(&b, "delete");
         let script = |first: &Path, second: &Path| {
             let mut sql = format!(".timeout 200\nATTACH '{}' AS other;\n", second.display());
             for i in 0..40 {

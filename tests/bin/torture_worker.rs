@@ -220,6 +220,54 @@ fn connect_retry(cfg: &Cfg, st: &mut Stats, deadline: Instant) -> Option<Connect
     }
 }
 
+/// A connection dropped and reopened every `lo..=hi` transactions, as fleets
+/// of short-lived workers do.
+struct Reconnecting {
+    conn: Option<Connection>,
+    left: u64,
+    lo: u64,
+    hi: u64,
+}
+
+impl Reconnecting {
+    fn new(lo: u64, hi: u64) -> Self {
+        Reconnecting {
+            conn: None,
+            left: 0,
+            lo,
+            hi,
+        }
+    }
+
+    /// The connection for the next transaction; `None` when none could be
+    /// opened before the deadline.
+    fn next(
+        &mut self,
+        cfg: &Cfg,
+        st: &mut Stats,
+        rng: &mut Rng,
+        deadline: Instant,
+    ) -> Option<&Connection> {
+        if self.left == 0 {
+            if self.conn.take().is_some() {
+                st.reconnects += 1;
+            }
+            self.left = rng.range(self.lo, self.hi);
+        }
+        if self.conn.is_none() {
+            self.conn = connect_retry(cfg, st, deadline);
+        }
+        let c = self.conn.as_ref()?;
+        self.left -= 1;
+        Some(c)
+    }
+
+    /// Forget a connection that an error left unusable.
+    fn drop_conn(&mut self) {
+        self.conn = None;
+    }
+}
+
 /// The application-level fix (mode `appflock`): an exclusive flock on
 /// `<db>.lock`, held across a whole write transaction.
 struct AppLock(Option<File>);
@@ -408,21 +456,12 @@ fn writer(cfg: &Cfg) -> String {
     let w = Witness::new(cfg);
     let app = AppLock::new(cfg);
     let log = committed_log(cfg, &cfg.id.to_string());
-    let mut conn = None;
-    let mut left = 0;
+    let mut conns = Reconnecting::new(10, 30);
     let mut seq = 0u64;
     while Instant::now() < deadline {
-        if left == 0 {
-            if conn.take().is_some() {
-                st.reconnects += 1;
-            }
-            left = rng.range(10, 30);
-        }
-        if conn.is_none() {
-            conn = connect_retry(cfg, &mut st, deadline);
-        }
-        let Some(c) = conn.as_ref() else { break };
-        left -= 1;
+        let Some(c) = conns.next(cfg, &mut st, &mut rng, deadline) else {
+            break;
+        };
         seq += 1;
         st.attempts += 1;
         let tag = format!("w{}-{seq}", cfg.id);
@@ -446,7 +485,7 @@ fn writer(cfg: &Cfg) -> String {
             Err(e) => {
                 st.error(&e);
                 if poisoned(&e) {
-                    conn = None;
+                    conns.drop_conn();
                 }
             }
         }
@@ -520,20 +559,11 @@ fn reader(cfg: &Cfg) -> String {
     let deadline = Instant::now() + Duration::from_secs_f64(cfg.secs);
     let mut rng = Rng(cfg.seed);
     let mut st = Stats::default();
-    let mut conn = None;
-    let mut left = 0;
+    let mut conns = Reconnecting::new(20, 60);
     while Instant::now() < deadline {
-        if left == 0 {
-            if conn.take().is_some() {
-                st.reconnects += 1;
-            }
-            left = rng.range(20, 60);
-        }
-        if conn.is_none() {
-            conn = connect_retry(cfg, &mut st, deadline);
-        }
-        let Some(c) = conn.as_ref() else { break };
-        left -= 1;
+        let Some(c) = conns.next(cfg, &mut st, &mut rng, deadline) else {
+            break;
+        };
         st.attempts += 1;
         match reader_txn(c, cfg, &mut rng, &mut st) {
             Ok(()) => st.commits += 1,
@@ -541,7 +571,7 @@ fn reader(cfg: &Cfg) -> String {
                 rollback(c);
                 st.error(&e);
                 if poisoned(&e) {
-                    conn = None;
+                    conns.drop_conn();
                 }
             }
         }

@@ -76,6 +76,16 @@ pub fn cli_path() -> PathBuf {
     p
 }
 
+/// Create table `t(x)` (if missing) in `db`, in `journal` mode, through
+/// stock SQLite.
+pub fn create_table(db: &Path, journal: &str) {
+    let c = open(db, Mode::Stock);
+    c.execute_batch(&format!(
+        "PRAGMA journal_mode={journal}; CREATE TABLE IF NOT EXISTS t(x);"
+    ))
+    .unwrap();
+}
+
 /// `<db>.lock` for a database path.
 pub fn lock_path(db: &Path) -> PathBuf {
     let mut s = db.as_os_str().to_owned();

@@ -81,9 +81,10 @@ impl WriterFlock for crate::lockfile::LockFile {
     }
 }
 
-/// Counters for one handle. `contended` counts non-blocking attempts that
-/// found the lock held elsewhere; `busy` counts `SQLITE_BUSY` returned because
-/// of it (equal today; they differ once waits are added).
+/// Counters for one handle. `contended` counts non-blocking flock attempts
+/// that found the lock held elsewhere; `busy` counts every `SQLITE_BUSY` this
+/// protocol returned — contended flock, a writer's EXCLUSIVE waiting for
+/// readers, a reader held off by a waiting writer.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
     pub acquisitions: u64,

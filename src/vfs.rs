@@ -235,7 +235,9 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
             if let Ok(Some(m)) = &st.lock {
                 lock_proto(m).close();
             }
-            drop(st); // closes <db>.lock's descriptor, after the inner unlock
+            // Closes <db>.lock's descriptor (after the inner unlock), unless a
+            // waiter thread still holds the state; it sees `closed` and lets go.
+            drop(st);
             rc
         }
     })

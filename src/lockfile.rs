@@ -5,14 +5,16 @@
 //! contract: `flock(1)` scripts and applications that lock it exclude, and are
 //! excluded by, every connection of this extension.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex, Once};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -127,22 +129,84 @@ enum State {
 /// one process exclude each other just as two processes do.
 pub struct LockFile {
     path: PathBuf,
-    /// The kernel's name for the file (`/proc/self/fd/N`), to find other
-    /// descriptors on it in this process.
-    canon: PathBuf,
     /// (device, inode): the key of [`OURS`].
     key: (u64, u64),
     state: State,
     /// Holding by borrowing the process's own lock (see [`LockFile::try_lock`]).
     borrowed: bool,
+    /// When this handle last looked for the process's own lock (see
+    /// [`BORROW_RESCAN`]).
+    last_scan: Option<Instant>,
     pid: i32,
 }
 
-/// How many of this process's handles hold (or borrow) each lock file now.
-static OURS: LazyLock<Mutex<HashMap<(u64, u64), u32>>> = LazyLock::new(Default::default);
+/// What this process's handles have: how many hold (or borrow) each lock
+/// file now, and every descriptor they opened on lock files (their own and
+/// waiter threads' duplicates), which a scan for the *application's* lock
+/// must not mistake for it.
+#[derive(Default)]
+struct Ours {
+    held: HashMap<(u64, u64), u32>,
+    fds: HashSet<RawFd>,
+}
 
-fn ours() -> std::sync::MutexGuard<'static, HashMap<(u64, u64), u32>> {
+static OURS: LazyLock<Mutex<Ours>> = LazyLock::new(Default::default);
+
+fn ours() -> std::sync::MutexGuard<'static, Ours> {
     OURS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A contended handle looks for the process's own lock (a scan of
+/// `/proc/self/fd`, tens of microseconds) at most this often. The first
+/// contended attempt of a handle always looks; an application that takes its
+/// own lock later is found within this long plus one busy-handler sleep.
+pub const BORROW_RESCAN: Duration = Duration::from_millis(250);
+
+/// Set in the child of a `fork()` (a `pthread_atfork` handler), so the fork
+/// check costs an atomic load instead of a `getpid()` on every lock call.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_fork_child() {
+    // Async-signal-safe: one atomic store.
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+fn watch_forks() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: FFI into libc with a handler that only stores an atomic.
+        // The extension is loaded permanently (SQLITE_OK_LOAD_PERMANENTLY),
+        // so the handler's code stays mapped for the life of the process.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(note_fork_child)) };
+        if rc != 0 {
+            // Without the handler, assume a fork may have happened: every
+            // check then asks getpid(), as before.
+            FORKED.store(true, Ordering::Relaxed);
+        }
+    });
+}
+
+/// A duplicate descriptor of a handle's lock file (see
+/// [`LockFile::duplicate`]): registered as ours while open.
+pub struct DupFd(Option<File>);
+
+impl AsRawFd for DupFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+}
+
+impl Drop for DupFd {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            let fd = f.as_raw_fd();
+            // Close first, then forget: a scan in between skips a number that
+            // may be reused (misses a borrow for a moment — fails closed)
+            // rather than seeing our own lock as the application's.
+            drop(f);
+            ours().fds.remove(&fd);
+        }
+    }
 }
 
 impl LockFile {
@@ -152,6 +216,7 @@ impl LockFile {
     /// A new file gets the permission bits of the database file, as SQLite does
     /// for its journals.
     pub fn open(db_path: &Path) -> Result<LockFile, LockError> {
+        watch_forks();
         let path = lock_path_for(db_path);
         let db_meta = std::fs::metadata(db_path).ok();
         let mode = db_meta.as_ref().map(|m| m.mode() & 0o777).unwrap_or(0o644);
@@ -199,14 +264,13 @@ impl LockFile {
                 let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
             }
         }
-        let canon = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .unwrap_or_else(|_| path.clone());
+        ours().fds.insert(file.as_raw_fd());
         Ok(LockFile {
             path,
-            canon,
             key: (meta.dev(), meta.ino()),
             state: State::Unlocked(file),
             borrowed: false,
+            last_scan: None,
             pid: std::process::id() as i32,
         })
     }
@@ -223,8 +287,11 @@ impl LockFile {
 
     /// A duplicate descriptor of the same open file description: a lock taken
     /// through it belongs to this handle too.
-    pub fn duplicate(&self) -> std::io::Result<File> {
-        self.file().try_clone()
+    pub fn duplicate(&self) -> std::io::Result<DupFd> {
+        let mut o = ours();
+        let f = self.file().try_clone()?;
+        o.fds.insert(f.as_raw_fd());
+        Ok(DupFd(Some(f)))
     }
 
     /// Let child processes inherit the descriptor (clear `FD_CLOEXEC`), as
@@ -248,18 +315,20 @@ impl LockFile {
     /// file: the application's own flock (a migration wrapping its writes in
     /// `flock(LOCK_EX)` while loading the extension), or one inherited from
     /// `flock(1)` running us. `/proc/self/fdinfo/N` lists the locks owned by
-    /// the open file description behind descriptor N.
-    fn process_holds_it(&self) -> bool {
+    /// the open file description behind descriptor N. Descriptors of our
+    /// own handles (`ours`) are skipped: their lock is never the application's.
+    fn process_holds_it(&self, ours: &HashSet<RawFd>) -> bool {
         let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
             return false;
         };
-        fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|p| p == self.canon)
-                && std::fs::read_to_string(format!(
-                    "/proc/self/fdinfo/{}",
-                    fd.file_name().to_string_lossy()
-                ))
-                .is_ok_and(|info| {
+        fds.flatten().any(|e| {
+            let name = e.file_name();
+            let Some(fd) = name.to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
+                return false;
+            };
+            !ours.contains(&fd)
+                && std::fs::metadata(e.path()).is_ok_and(|m| (m.dev(), m.ino()) == self.key)
+                && std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).is_ok_and(|info| {
                     info.lines().any(|l| {
                         l.starts_with("lock:") && l.contains("FLOCK") && l.contains("WRITE")
                     })
@@ -267,7 +336,20 @@ impl LockFile {
         })
     }
 
+    /// Whether a contended attempt should look for the process's own lock now.
+    fn scan_due(&mut self) -> bool {
+        let now = Instant::now();
+        if self.last_scan.is_some_and(|t| now - t < BORROW_RESCAN) {
+            return false;
+        }
+        self.last_scan = Some(now);
+        true
+    }
+
     fn check_pid(&self) -> Result<(), LockError> {
+        if !FORKED.load(Ordering::Relaxed) {
+            return Ok(()); // no fork() in this process since the handler was set
+        }
         let now = nix::unistd::getpid();
         if now != Pid::from_raw(self.pid) {
             return Err(LockError::Forked {
@@ -296,16 +378,16 @@ impl LockFile {
                 Ok(locked) => {
                     crate::holder::write_record(&locked);
                     self.state = State::Locked(locked);
-                    *ours().entry(self.key).or_default() += 1;
+                    *ours().held.entry(self.key).or_default() += 1;
                     Ok(true)
                 }
                 Err((file, errno)) => {
                     self.state = State::Unlocked(file);
                     if errno == Errno::EWOULDBLOCK {
-                        let mut map = ours();
-                        let count = map.entry(self.key).or_default();
-                        if *count == 0 && self.process_holds_it() {
-                            *count += 1;
+                        let mut o = ours();
+                        let free = o.held.get(&self.key).is_none_or(|&n| n == 0);
+                        if free && self.scan_due() && self.process_holds_it(&o.fds) {
+                            *o.held.entry(self.key).or_default() += 1;
                             self.borrowed = true;
                             return Ok(true);
                         }
@@ -329,11 +411,11 @@ impl LockFile {
     }
 
     fn forget_holding(&self) {
-        let mut map = ours();
-        if let Some(n) = map.get_mut(&self.key) {
+        let mut o = ours();
+        if let Some(n) = o.held.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                map.remove(&self.key);
+                o.held.remove(&self.key);
             }
         }
     }
@@ -479,8 +561,16 @@ impl Drop for LockFile {
         } else if self.is_held() {
             self.forget_holding();
         }
-        // Otherwise dropping the File/Flock closes the descriptor, which
-        // releases the flock. The file itself is never unlinked.
+        // Dropping the File/Flock closes the descriptor, which releases the
+        // flock; then the number is no longer ours (see DupFd's Drop for the
+        // order). The file itself is never unlinked.
+        let fd = match &self.state {
+            State::Unlocked(f) => f.as_raw_fd(),
+            State::Locked(l) => l.as_raw_fd(),
+            State::Transit => return,
+        };
+        drop(std::mem::replace(&mut self.state, State::Transit));
+        ours().fds.remove(&fd);
     }
 }
 
@@ -574,6 +664,44 @@ mod tests {
             "a real lock once the app let go"
         );
         assert!(!b.try_lock().unwrap(), "a real holder is not borrowed from");
+    }
+
+    #[test]
+    fn a_waiter_threads_grant_is_not_taken_for_the_applications_lock() {
+        // A waiter thread blocks in flock on a duplicate of handle a's
+        // descriptor; once granted, a's description holds the lock, and
+        // /proc/self/fdinfo shows it on the duplicate too. Handle b must see
+        // a holder, not the application's lock to borrow.
+        let db = tmp().join("w.db");
+        let a = LockFile::open(&db).unwrap();
+        let mut b = LockFile::open(&db).unwrap();
+        let dup = a.duplicate().unwrap();
+        #[allow(deprecated)]
+        nix::fcntl::flock(dup.as_raw_fd(), FlockArg::LockExclusiveNonblock).unwrap();
+        assert!(!b.try_lock().unwrap());
+        assert!(!b.is_borrowed());
+        drop(dup);
+        drop(a); // closes the description: the grant goes with it
+        assert!(b.try_lock().unwrap() && !b.is_borrowed());
+    }
+
+    #[test]
+    fn the_application_lock_is_looked_for_at_most_every_rescan_interval() {
+        let db = tmp().join("r.db");
+        let mut b = LockFile::open(&db).unwrap();
+        // b looked a moment ago (a contended attempt against another process).
+        b.last_scan = Some(Instant::now());
+        // The application takes its own lock now: b finds it on its next
+        // look, not on every attempt.
+        let app = std::fs::File::open(lock_path_for(&db)).unwrap();
+        let app = Flock::lock(app, FlockArg::LockExclusiveNonblock)
+            .map_err(|e| e.1)
+            .unwrap();
+        assert!(!b.try_lock().unwrap(), "within BORROW_RESCAN: no look");
+        b.last_scan = b.last_scan.map(|t| t - BORROW_RESCAN);
+        assert!(b.try_lock().unwrap() && b.is_borrowed());
+        b.unlock();
+        drop(app);
     }
 
     #[test]

@@ -162,8 +162,12 @@ pub struct Protocol<F> {
     pub sleepers: u32,
     /// When the last such sleep ended.
     pub last_sleep_end: Option<Instant>,
-    /// A waiter thread is queued in `flock(LOCK_EX)` for this handle.
+    /// A waiter thread exists for this handle (queued or idle).
     pub waiter_running: bool,
+    /// A busy-handler sleep asks the waiter thread to queue for the flock.
+    pub queue_wanted: bool,
+    /// The waiter thread is blocked in `flock(LOCK_EX)` right now.
+    pub waiter_queued: bool,
     last_attempt: Option<Instant>,
     held_since: Option<Instant>,
     last_busy_log: Option<Instant>,
@@ -204,6 +208,8 @@ impl<F: WriterFlock> Protocol<F> {
             sleepers: 0,
             last_sleep_end: None,
             waiter_running: false,
+            queue_wanted: false,
+            waiter_queued: false,
             last_attempt: None,
             held_since: None,
             last_busy_log: None,

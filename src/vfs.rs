@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use libsqlite3_sys as ffi;
 
-use crate::lockfile::{lock_path_for, LockFile};
+use crate::lockfile::{lock_path_for, DupFd, LockFile};
 use crate::options::{Options, NAMES};
 use crate::protocol::{Counters, Protocol, INTENT_TTL};
 
@@ -71,12 +71,18 @@ fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
 pub(crate) type Shared = Arc<Handle>;
 type WeakShared = Weak<Handle>;
 
-/// A main-db handle's lock state, and the condition variable its busy-handler
-/// sleep waits on while a waiter thread queues for the flock.
+/// A main-db handle's lock state, the condition variable its busy-handler
+/// sleep waits on while a waiter thread queues for the flock, and the one
+/// that sends the waiter thread into the queue.
 pub(crate) struct Handle {
     p: Mutex<Protocol<LockFile>>,
     granted: Condvar,
+    work: Condvar,
 }
+
+/// An idle waiter thread stays this long for the handle's next wait before
+/// it exits (so a contended handle does not start a thread per transaction).
+const WAITER_LINGER: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// The handle whose last escalation on this thread was refused for the
@@ -234,6 +240,8 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
             (*sf).state = ptr::null_mut();
             if let Ok(Some(m)) = &st.lock {
                 lock_proto(m).close();
+                m.work.notify_all(); // an idle waiter thread exits now
+                m.granted.notify_all();
             }
             // Closes <db>.lock's descriptor (after the inner unlock), unless a
             // waiter thread still holds the state; it sees `closed` and lets go.
@@ -656,6 +664,7 @@ unsafe extern "C" fn v_open(
                         Ok(Some(Arc::new(Handle {
                             p: Mutex::new(p),
                             granted: Condvar::new(),
+                            work: Condvar::new(),
                         })))
                     }
                     Err(e) => {
@@ -791,9 +800,8 @@ unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mu
 /// not polling — for a waiter thread that queues in `flock(LOCK_EX)` on a
 /// duplicate of the handle's descriptor; the lock it gets belongs to the
 /// handle's open file description, and is kept as a write intent for the
-/// retry, which then succeeds at once. Never longer than the requested sleep
-/// (SQLite counts that against busy_timeout), and only while the handle holds
-/// nothing a writer needs.
+/// retry, which then succeeds at once. Only while the handle holds nothing a
+/// writer needs. How long: see [`Run`].
 fn sleep_for_lock(us: c_int) -> Option<c_int> {
     let (w, at, want) = WANTS_LOCK.with(|c| c.borrow_mut().take())?;
     if at.elapsed() > INTENT_FRESH {
@@ -801,29 +809,83 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
     }
     let h = w.upgrade()?;
     let start = Instant::now();
-    let dur = Duration::from_micros(us.max(0) as u64);
-    match want {
-        Want::Flock => {
-            wait_for_lock(&h, dur, true)?;
-        }
-        Want::Readers => wait_for_readers(&h, start + dur),
-    }
+    let deadline = Run::deadline(start, Duration::from_micros(us.max(0) as u64));
+    let granted = match want {
+        Want::Flock => wait_for_lock(&h, deadline - start, true),
+        Want::Readers => Some(wait_for_readers(&h, deadline)),
+    };
+    Run::ended(granted == Some(true));
+    granted?;
     Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
+}
+
+/// One busy handler's run of sleeps for a refused lock. SQLite counts the
+/// *requested* sleeps against `busy_timeout`, so a wait longer than asked
+/// stretches it; but its first steps are short (1, 2, 5, 10 ms …), and
+/// ending each on time means a retry that fails again while the queue moves.
+/// So a sleep waits at least what was asked and at most until the run's
+/// start plus everything requested so far plus [`RUN_AHEAD`]: the whole run
+/// never exceeds the busy timeout by more than that, and most queued writers
+/// are served inside the first sleep.
+#[derive(Clone, Copy)]
+struct Run {
+    start: Instant,
+    requested: Duration,
+    last_end: Instant,
+}
+
+/// How far ahead of SQLite's sleep schedule a run may wait (the documented
+/// tolerance on `busy_timeout`).
+pub(crate) const RUN_AHEAD: Duration = Duration::from_millis(25);
+
+/// Sleeps closer together than this belong to one run (the retry between
+/// two sleeps of one busy handler takes microseconds).
+const RUN_JOIN: Duration = Duration::from_millis(5);
+
+thread_local! {
+    static RUN: std::cell::Cell<Option<Run>> = const { std::cell::Cell::new(None) };
+}
+
+impl Run {
+    /// The deadline of a sleep of `asked` starting `now`, counted into this
+    /// thread's current run (or a new one).
+    fn deadline(now: Instant, asked: Duration) -> Instant {
+        let mut run = match RUN.get() {
+            Some(r) if now.saturating_duration_since(r.last_end) < RUN_JOIN => r,
+            _ => Run {
+                start: now,
+                requested: Duration::ZERO,
+                last_end: now,
+            },
+        };
+        run.requested += asked;
+        RUN.set(Some(run));
+        (run.start + run.requested + RUN_AHEAD).max(now + asked)
+    }
+
+    /// A sleep ended; a granted lock ends the run.
+    fn ended(granted: bool) {
+        let run = RUN.get().filter(|_| !granted).map(|mut r| {
+            r.last_end = Instant::now();
+            r
+        });
+        RUN.set(run);
+    }
 }
 
 /// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
 /// SQLite's whole backoff step, check every 200 us whether they are gone
 /// (only the one flock holder can be here, and new readers are held off by
-/// its pending marker), up to the requested time. It holds RESERVED and the
-/// flock meanwhile, exactly as in SQLite's own sleep.
-fn wait_for_readers(h: &Shared, deadline: Instant) {
+/// its pending marker), up to `deadline`. It holds RESERVED and the flock
+/// meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
+fn wait_for_readers(h: &Shared, deadline: Instant) -> bool {
     loop {
         if lock_proto(h).try_shadow_write() {
-            return;
+            return true;
         }
         let now = Instant::now();
         if now >= deadline {
-            return;
+            return false;
         }
         std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
     }
@@ -858,6 +920,10 @@ fn wait_for_lock(h: &Shared, dur: Duration, retry_follows: bool) -> Option<bool>
         }
         p.waiter_running = true;
     }
+    if !p.waiter_queued {
+        p.queue_wanted = true;
+        h.work.notify_all();
+    }
     p.sleepers += 1;
     let (mut p, _) = h
         .granted
@@ -870,42 +936,72 @@ fn wait_for_lock(h: &Shared, dur: Duration, retry_follows: bool) -> Option<bool>
     Some(p.holds())
 }
 
-/// The queueing thread of one handle: blocks in `flock(LOCK_EX)` on a
-/// duplicate of the handle's descriptor (same open file description), then
-/// hands the lock to a sleeping busy handler as a write intent — or, when
-/// nobody wants it any more, releases it. While the intent is unused it
-/// stays as a watchdog and drops it after `INTENT_TTL`, so a connection the
-/// application stopped using never keeps the lock.
-fn waiter(h: Shared, dup: std::fs::File) {
+/// The queueing thread of one handle. Asked to (`queue_wanted`), it blocks
+/// in `flock(LOCK_EX)` on a duplicate of the handle's descriptor (same open
+/// file description), then hands the lock to a sleeping busy handler as a
+/// write intent — or, when nobody wants it any more, releases it. While the
+/// intent is unused it stays as a watchdog and drops it after `INTENT_TTL`,
+/// so a connection the application stopped using never keeps the lock. It
+/// then waits up to [`WAITER_LINGER`] for the handle's next wait, and exits
+/// when there is none or the handle closes.
+fn waiter(h: Shared, dup: DupFd) {
     use std::os::fd::AsRawFd;
-    // A blocking flock with no timeout is what makes this a queue; the
-    // thread is the only thing that waits, and it always ends by deciding.
-    #[allow(deprecated)] // nix's Flock would unlock on drop; we must not.
-    let got = nix::fcntl::flock(dup.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive);
-    drop(dup); // closing a duplicate leaves the description's lock alone
-    let mut p = lock_proto(&h);
-    p.waiter_running = false;
-    if got.is_err() || p.holds() {
-        return; // nothing taken, or the handle already owns it
-    }
-    let wanted = p.sleepers > 0 || p.last_sleep_end.is_some_and(|t| t.elapsed() < INTENT_FRESH);
-    if p.closed || !wanted || !p.may_wait() || p.try_intent() != Ok(true) {
-        p.release_unowned();
-        return;
-    }
-    h.granted.notify_all();
-    let deadline = Instant::now() + INTENT_TTL;
-    while p.has_pure_intent() {
-        let now = Instant::now();
-        if now >= deadline {
-            p.drop_intent();
-            break;
+    loop {
+        {
+            let p = lock_proto(&h);
+            let (mut p, idle) = h
+                .work
+                .wait_timeout_while(p, WAITER_LINGER, |p| !p.queue_wanted && !p.closed)
+                .unwrap_or_else(|e| e.into_inner());
+            if p.closed || idle.timed_out() {
+                p.waiter_running = false;
+                return;
+            }
+            p.queue_wanted = false;
+            p.waiter_queued = true;
         }
-        p = h
-            .granted
-            .wait_timeout(p, deadline - now)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+        // A blocking flock with no timeout is what makes this a queue; the
+        // thread is the only thing that waits, and it always ends by deciding.
+        #[allow(deprecated)] // nix's Flock would unlock on drop; we must not.
+        let got = nix::fcntl::flock(dup.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive);
+        let mut p = lock_proto(&h);
+        p.waiter_queued = false;
+        if got.is_err() {
+            p.waiter_running = false;
+            return;
+        }
+        if p.holds() {
+            if p.flock().is_borrowed() {
+                // The handle borrows the application's lock, so this grant
+                // (which came after the application let go) is nobody's.
+                #[allow(deprecated)]
+                let _ = nix::fcntl::flock(dup.as_raw_fd(), nix::fcntl::FlockArg::Unlock);
+            }
+            continue; // else the handle took it already (same description)
+        }
+        let wanted = p.sleepers > 0 || p.last_sleep_end.is_some_and(|t| t.elapsed() < INTENT_FRESH);
+        if p.closed || !wanted || !p.may_wait() || p.try_intent() != Ok(true) {
+            p.release_unowned();
+            continue;
+        }
+        // Notify with the mutex released, so the woken sleeper does not
+        // wake only to block on it.
+        drop(p);
+        h.granted.notify_all();
+        let mut p = lock_proto(&h);
+        let deadline = Instant::now() + INTENT_TTL;
+        while p.has_pure_intent() && !p.queue_wanted {
+            let now = Instant::now();
+            if now >= deadline {
+                p.drop_intent();
+                break;
+            }
+            p = h
+                .work
+                .wait_timeout(p, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 

@@ -479,8 +479,19 @@ impl LockFile {
     /// Whether another handle holds the pending byte (a writer waits for
     /// EXCLUSIVE). Asks with `F_OFD_GETLK`, which takes nothing.
     pub fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
+        self.ofd_conflicts(PENDING_BYTE)
+    }
+
+    /// Whether a shadow read lock would be refused now: a writer waits for
+    /// or holds EXCLUSIVE (pending byte or shadow write lock elsewhere).
+    pub fn read_blocked(&mut self) -> Result<bool, LockError> {
+        Ok(self.ofd_conflicts(PENDING_BYTE)? || self.ofd_conflicts(SHADOW_BYTE)?)
+    }
+
+    /// Whether another description's OFD lock on `byte` refuses a read lock.
+    fn ofd_conflicts(&mut self, byte: i64) -> Result<bool, LockError> {
         self.check_pid()?;
-        let mut fl = Self::ofd_flock(PENDING_BYTE, libc::F_RDLCK);
+        let mut fl = Self::ofd_flock(byte, libc::F_RDLCK);
         nix::fcntl::fcntl(self.file(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
             .map(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
             .map_err(|errno| LockError::Flock {

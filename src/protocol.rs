@@ -46,6 +46,9 @@ pub trait WriterFlock {
     fn pending(&mut self, on: bool) -> Result<bool, LockError>;
     /// Whether another handle holds the pending marker.
     fn pending_elsewhere(&mut self) -> Result<bool, LockError>;
+    /// Whether a shadow read lock would be refused now (pending marker or
+    /// shadow write elsewhere), without taking anything.
+    fn read_blocked(&mut self) -> Result<bool, LockError>;
     /// Who holds the lock now, for a log message (None if unknown).
     fn describe_holder(&self) -> Option<String> {
         None
@@ -70,6 +73,9 @@ impl WriterFlock for crate::lockfile::LockFile {
     }
     fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
         crate::lockfile::LockFile::pending_elsewhere(self)
+    }
+    fn read_blocked(&mut self) -> Result<bool, LockError> {
+        crate::lockfile::LockFile::read_blocked(self)
     }
     fn describe_holder(&self) -> Option<String> {
         let h = crate::holder::current_holder(self.path())?;
@@ -137,6 +143,9 @@ pub struct Protocol<F> {
     pending: bool,
     /// EXCLUSIVE was refused for readers while RESERVED (see `try_shadow_write`).
     exclusive_wanted: bool,
+    /// SHARED was refused for a writer's pending marker or EXCLUSIVE (see
+    /// [`Self::read_blocked`]).
+    shared_wanted: bool,
     why: u8,
     held: bool,
     /// Last error from the lock file, kept for messages and status.
@@ -193,6 +202,7 @@ impl<F: WriterFlock> Protocol<F> {
             shadow: Shadow::Unlocked,
             pending: false,
             exclusive_wanted: false,
+            shared_wanted: false,
             why: 0,
             held: false,
             last_error: None,
@@ -374,7 +384,10 @@ impl<F: WriterFlock> Protocol<F> {
             // Like SQLite's PENDING: a writer waiting for EXCLUSIVE stops new readers.
             match self.flock.pending_elsewhere() {
                 Ok(false) => {}
-                Ok(true) => return self.busy(),
+                Ok(true) => {
+                    self.shared_wanted = true;
+                    return self.busy();
+                }
                 Err(e) => {
                     self.note_error(ffi::SQLITE_IOERR_LOCK, e);
                     return ffi::SQLITE_IOERR_LOCK;
@@ -382,7 +395,11 @@ impl<F: WriterFlock> Protocol<F> {
             }
             match self.set_shadow(Shadow::Read) {
                 Ok(true) => {}
-                Ok(false) => return self.busy(), // a writer holds EXCLUSIVE
+                Ok(false) => {
+                    // A writer holds EXCLUSIVE.
+                    self.shared_wanted = true;
+                    return self.busy();
+                }
                 Err(rc) => return rc,
             }
         }
@@ -469,6 +486,17 @@ impl<F: WriterFlock> Protocol<F> {
             }
         }
         rc
+    }
+
+    /// Whether the last refusal was SHARED held off by a writer, clearing it.
+    pub fn take_shared_request(&mut self) -> bool {
+        std::mem::take(&mut self.shared_wanted)
+    }
+
+    /// Whether SHARED would still be held off by a writer (pending marker or
+    /// EXCLUSIVE elsewhere). An error counts as "no": the retry then meets it.
+    pub fn read_blocked(&mut self) -> bool {
+        self.flock.read_blocked().unwrap_or(false)
     }
 
     /// Whether the last refusal was EXCLUSIVE waiting for readers, clearing it.
@@ -756,6 +784,9 @@ mod tests {
         }
         fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
             Ok(self.other_pending)
+        }
+        fn read_blocked(&mut self) -> Result<bool, LockError> {
+            Ok(self.other_pending || self.other_writing)
         }
         fn shadow(&mut self, to: Shadow) -> Result<bool, LockError> {
             // Holding the write lock ourselves, nobody else holds anything.

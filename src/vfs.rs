@@ -97,6 +97,8 @@ enum Want {
     Flock,
     /// Other handles' read locks to go (a RESERVED writer wanting EXCLUSIVE).
     Readers,
+    /// A writer's pending marker or EXCLUSIVE to go (a reader wanting SHARED).
+    Writer,
 }
 
 /// A refusal older than this is not the one the current sleep is for.
@@ -113,9 +115,14 @@ fn lock_proto(h: &Handle) -> MutexGuard<'_, Protocol<LockFile>> {
 fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int {
     let mut p = lock_proto(m);
     let rc = op(&mut p);
-    let want = match (p.take_intent_request(), p.take_exclusive_request()) {
-        (true, _) => Some(Want::Flock),
-        (_, true) => Some(Want::Readers),
+    let want = match (
+        p.take_intent_request(),
+        p.take_exclusive_request(),
+        p.take_shared_request(),
+    ) {
+        (true, _, _) => Some(Want::Flock),
+        (_, true, _) => Some(Want::Readers),
+        (_, _, true) => Some(Want::Writer),
         _ => None,
     };
     if let (Some(want), ffi::SQLITE_BUSY) = (want, rc) {
@@ -813,6 +820,7 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
     let granted = match want {
         Want::Flock => wait_for_lock(&h, deadline - start, true),
         Want::Readers => Some(wait_for_readers(&h, deadline)),
+        Want::Writer => Some(wait_for_writer(&h, deadline)),
     };
     Run::ended(granted == Some(true));
     granted?;
@@ -888,6 +896,24 @@ fn wait_for_readers(h: &Shared, deadline: Instant) -> bool {
             return false;
         }
         std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+    }
+}
+
+/// A reader held off by a writer that waits for or holds EXCLUSIVE: check
+/// every 100 us whether it is done, up to `deadline`, instead of SQLite's
+/// growing backoff, whose 10–100 ms steps miss the short gaps between queued
+/// writers' commits and starve readers. The handle holds no lock meanwhile
+/// (its SHARED was refused). Whether the writer is done.
+fn wait_for_writer(h: &Shared, deadline: Instant) -> bool {
+    loop {
+        if !lock_proto(h).read_blocked() {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_micros(100)));
     }
 }
 

@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use writelock_tests::{create_table, open, tempdir, Mode, Shell};
+use writelock_tests::{
+    create_table, lock_path, open, proc_locks_on, tempdir, wait_until, Mode, Shell,
+};
 
 /// Two connections in one thread: the second writer waits its busy_timeout
 /// for a lock its own thread holds, then gets `database is locked`.
@@ -136,5 +138,123 @@ fn attached_databases_in_opposite_orders_never_hang() {
             "{mode:?}: each commit wrote both databases or neither"
         );
         assert!(na > 0, "{mode:?}: some transactions committed");
+    }
+}
+
+/// Queued `flock` waiters on `<db>.lock` (the `->` lines of /proc/locks).
+fn queued(db: &Path) -> usize {
+    let lock = lock_path(db);
+    if !lock.exists() {
+        return 0;
+    }
+    proc_locks_on(&lock)
+        .iter()
+        .filter(|l| l.contains("->") && l.contains("FLOCK"))
+        .count()
+}
+
+/// Writers that find the lock taken queue for it in arrival order and are
+/// served in that order. Stock SQLite has no queue: its writers poll, so no
+/// waiter ever shows up, and either may win.
+#[test]
+fn waiting_writers_are_served_in_arrival_order() {
+    for journal in ["wal", "delete"] {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_table(&db, journal);
+            let mut a = Shell::start(&db, mode);
+            a.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+            let mut writers = Vec::new();
+            for (n, x) in [2, 3].into_iter().enumerate() {
+                let mut w = Shell::start(&db, mode);
+                w.run(".timeout 10000");
+                w.submit(&format!(
+                    "BEGIN IMMEDIATE; INSERT INTO t VALUES ({x}); COMMIT;"
+                ));
+                if mode == Mode::Writelock {
+                    wait_until(&format!("{} writer(s) queue ({journal})", n + 1), || {
+                        queued(&db) == n + 1
+                    });
+                }
+                writers.push(w);
+            }
+            if mode == Mode::Stock {
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_millis(300) {
+                    assert_eq!(queued(&db), 0, "{journal}: stock has no queue");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            a.run("COMMIT;");
+            for mut w in writers {
+                let out = w.collect();
+                assert!(!out.contains("Error"), "{journal} {mode:?}: {out}");
+                w.finish();
+            }
+            a.finish();
+            let c = open(&db, Mode::Stock);
+            let order: Vec<i64> = c
+                .prepare("SELECT x FROM t ORDER BY rowid")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(order.len(), 3, "{journal} {mode:?}: {order:?}");
+            if mode == Mode::Writelock {
+                assert_eq!(order, [1, 2, 3], "{journal}: served in arrival order");
+            }
+        }
+    }
+}
+
+/// A reader that meets a writer waiting for EXCLUSIVE (rollback journal)
+/// waits for it within its own busy_timeout and then gets `database is
+/// locked`, as with stock SQLite; once the writer is through, it reads.
+#[test]
+fn reader_behind_a_committing_writer_waits_at_most_its_timeout() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "delete");
+        let mut w = Shell::start(&db, mode);
+        w.run(".timeout 10000\nBEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+        let r = open(&db, mode);
+        r.execute_batch("BEGIN; SELECT count(*) FROM t;").unwrap();
+        w.submit("COMMIT;"); // waits for r's SHARED, holding off new readers
+        let pending = |l: &String| match mode {
+            // Our pending marker: an OFD write lock on byte 1 of <db>.lock.
+            Mode::Writelock => l.contains("OFDLCK") && l.contains("WRITE") && l.ends_with(" 1 1"),
+            // SQLite's PENDING byte (0x40000000) on the database file.
+            Mode::Stock => l.contains("POSIX") && l.contains("WRITE") && l.contains(" 1073741824 "),
+        };
+        let file = if mode == Mode::Writelock {
+            lock_path(&db)
+        } else {
+            db.clone()
+        };
+        wait_until("the writer waits for EXCLUSIVE", || {
+            proc_locks_on(&file).iter().any(pending)
+        });
+        // Another process (in-process connections share SQLite's locks and
+        // would skip the PENDING check).
+        let mut c = Shell::start(&db, mode);
+        c.run(".timeout 300");
+        let t0 = Instant::now();
+        let e = c.run("SELECT count(*) FROM t;");
+        let waited = t0.elapsed();
+        assert!(e.contains("database is locked"), "{mode:?}: {e}");
+        assert!(waited >= Duration::from_millis(250), "{mode:?}: {waited:?}");
+        assert!(
+            waited < Duration::from_millis(2000),
+            "{mode:?}: bounded, {waited:?}"
+        );
+        r.execute_batch("COMMIT").unwrap();
+        let out = w.collect();
+        assert!(!out.contains("Error"), "{mode:?}: {out}");
+        assert_eq!(c.run("SELECT count(*) FROM t;").trim(), "1", "{mode:?}");
+        c.finish();
+        w.finish();
     }
 }

@@ -105,6 +105,36 @@ pub fn outside_flock_free(db: &Path) -> bool {
     st.success()
 }
 
+/// The lines of `/proc/locks` about `file` (matched by inode), e.g.
+/// `3: -> FLOCK  ADVISORY  WRITE 555 fd:01:77 0 EOF` for a queued waiter.
+pub fn proc_locks_on(file: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(file).unwrap().ino();
+    std::fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .find(|f| f.matches(':').count() == 2)
+                .and_then(|dev_ino| dev_ino.rsplit(':').next())
+                .is_some_and(|i| i.parse() == Ok(ino))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Poll `cond` every 5 ms until it holds; panics with `what` after 10 s.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A `flock(1)` process holding `LOCK_EX` on a file until [`FlockHolder::release`].
 pub struct FlockHolder {
     child: Child,
@@ -204,9 +234,20 @@ impl Shell {
     /// Run `sql` (one or more statements) and return what it printed, errors
     /// included (the shell prints them as `…Error…` lines).
     pub fn run(&mut self, sql: &str) -> String {
+        self.submit(sql);
+        self.collect()
+    }
+
+    /// Send `sql` without waiting for it; [`Shell::collect`] reads its output.
+    pub fn submit(&mut self, sql: &str) {
         self.marker += 1;
         let m = format!("--done-{}--", self.marker);
         self.send(&format!("{sql}\n.print {m}\n"));
+    }
+
+    /// Wait for the last [`Shell::submit`]ted SQL to finish; what it printed.
+    pub fn collect(&mut self) -> String {
+        let m = format!("--done-{}--", self.marker);
         let mut out = String::new();
         loop {
             let mut line = String::new();

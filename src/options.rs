@@ -1,5 +1,6 @@
-//! Per-connection options: URI parameters at open (`?writelock_hold_warn_ms=`)
-//! and `PRAGMA writelock_…` afterwards. Pure parsing, no SQLite.
+//! Options: process-wide defaults from the environment (`WRITELOCK_QUEUE=0`),
+//! per connection as URI parameters at open (`?writelock_hold_warn_ms=`) and
+//! `PRAGMA writelock_…` afterwards. Pure parsing, no SQLite.
 
 use std::time::Duration;
 
@@ -11,6 +12,12 @@ pub struct Options {
     pub hold_warn: Duration,
     /// How long a checkpoint queues for the flock before reporting busy.
     pub checkpoint_wait: Duration,
+    /// Wait in the busy handler's sleep for the lock (or for a committing
+    /// writer) instead of sleeping SQLite's backoff.
+    pub queue: bool,
+    /// How far a run of such waits may go beyond SQLite's sleep schedule
+    /// (the tolerance on `busy_timeout`).
+    pub queue_ahead: Duration,
     /// Open databases on network/FUSE filesystems anyway (URI only).
     pub allow_network_fs: bool,
 }
@@ -20,15 +27,19 @@ impl Default for Options {
         Options {
             hold_warn: Duration::from_secs(5),
             checkpoint_wait: Duration::from_millis(100),
+            queue: true,
+            queue_ahead: Duration::from_millis(25),
             allow_network_fs: false,
         }
     }
 }
 
 /// Every option name, as URI parameter and PRAGMA.
-pub const NAMES: [&str; 3] = [
+pub const NAMES: [&str; 5] = [
     "writelock_hold_warn_ms",
     "writelock_checkpoint_wait_ms",
+    "writelock_queue",
+    "writelock_queue_ahead_ms",
     "writelock_allow_network_fs",
 ];
 
@@ -62,6 +73,8 @@ impl Options {
         match name.to_ascii_lowercase().as_str() {
             "writelock_hold_warn_ms" => self.hold_warn = parse_ms(name, value)?,
             "writelock_checkpoint_wait_ms" => self.checkpoint_wait = parse_ms(name, value)?,
+            "writelock_queue" => self.queue = parse_bool(name, value)?,
+            "writelock_queue_ahead_ms" => self.queue_ahead = parse_ms(name, value)?,
             "writelock_allow_network_fs" => self.allow_network_fs = parse_bool(name, value)?,
             _ => return Err(unknown(name)),
         }
@@ -73,9 +86,34 @@ impl Options {
         match name.to_ascii_lowercase().as_str() {
             "writelock_hold_warn_ms" => Ok(self.hold_warn.as_millis().to_string()),
             "writelock_checkpoint_wait_ms" => Ok(self.checkpoint_wait.as_millis().to_string()),
+            "writelock_queue" => Ok(u8::from(self.queue).to_string()),
+            "writelock_queue_ahead_ms" => Ok(self.queue_ahead.as_millis().to_string()),
             "writelock_allow_network_fs" => Ok(u8::from(self.allow_network_fs).to_string()),
             _ => Err(unknown(name)),
         }
+    }
+}
+
+impl Options {
+    /// The process-wide defaults: [`Options::default`] changed by environment
+    /// variables named like the options in capitals
+    /// (`WRITELOCK_QUEUE_AHEAD_MS=50`). `WRITELOCK_ALLOW_NETWORK_FS` is read
+    /// by the filesystem check itself (see `netfs`). A bad value is an error
+    /// naming the variable.
+    pub fn from_env() -> Result<Options, String> {
+        Options::from_vars(|k| std::env::var(k).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Options, String> {
+        let mut o = Options::default();
+        for name in NAMES.iter().filter(|n| **n != "writelock_allow_network_fs") {
+            let key = name.to_ascii_uppercase();
+            if let Some(v) = var(&key) {
+                o.set(name, &v)
+                    .map_err(|e| format!("{e} (from the environment variable {key})"))?;
+            }
+        }
+        Ok(o)
     }
 }
 
@@ -106,6 +144,25 @@ mod tests {
             o.checkpoint_wait,
             Duration::from_millis(100),
             "unchanged on error"
+        );
+    }
+
+    #[test]
+    fn environment_sets_process_defaults_and_names_a_bad_variable() {
+        let env = |k: &str| match k {
+            "WRITELOCK_QUEUE" => Some("off".to_string()),
+            "WRITELOCK_QUEUE_AHEAD_MS" => Some("40".to_string()),
+            _ => None,
+        };
+        let o = Options::from_vars(env).unwrap();
+        assert!(!o.queue);
+        assert_eq!(o.queue_ahead, Duration::from_millis(40));
+        assert_eq!(o.hold_warn, Options::default().hold_warn);
+        let bad = |k: &str| (k == "WRITELOCK_CHECKPOINT_WAIT_MS").then(|| "soon".to_string());
+        let e = Options::from_vars(bad).unwrap_err();
+        assert!(
+            e.contains("WRITELOCK_CHECKPOINT_WAIT_MS") && e.contains("'soon'"),
+            "{e}"
         );
     }
 

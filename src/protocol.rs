@@ -102,6 +102,10 @@ pub struct Counters {
     pub wait_max: Duration,
     /// Time from acquisition to release.
     pub hold_total: Duration,
+    /// Waits for the flock in the queue (busy-handler sleeps and checkpoints)…
+    pub queued: u64,
+    /// …and how many of them got it before their deadline.
+    pub queue_granted: u64,
     pub hold_max: Duration,
 }
 

@@ -133,6 +133,8 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                 let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
                 o.insert("acquisitions".into(), json!(c.acquisitions));
                 o.insert("contended".into(), json!(c.contended));
+                o.insert("queued".into(), json!(c.queued));
+                o.insert("queue_granted".into(), json!(c.queue_granted));
                 o.insert("busy".into(), json!(c.busy));
                 o.insert("wait_total_ms".into(), json!(ms(c.wait_total)));
                 o.insert("wait_max_ms".into(), json!(ms(c.wait_max)));
@@ -154,6 +156,8 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                     json!({
                         "hold_warn_ms": r.options.hold_warn.as_millis() as u64,
                         "checkpoint_wait_ms": r.options.checkpoint_wait.as_millis() as u64,
+                        "queue": r.options.queue,
+                        "queue_ahead_ms": r.options.queue_ahead.as_millis() as u64,
                     }),
                 );
             }

@@ -595,7 +595,7 @@ unsafe fn ivfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
 /// # Safety
 /// `name` is a non-NULL main-db filename as SQLite passes it to xOpen.
 unsafe fn uri_options(name: *const c_char) -> Result<Options, String> {
-    let mut o = Options::default();
+    let mut o = Options::from_env()?;
     for key in NAMES {
         let k = std::ffi::CString::new(key).expect("no NUL in option names");
         let v = ffi::sqlite3_uri_parameter(name, k.as_ptr());
@@ -815,8 +815,15 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
         return None;
     }
     let h = w.upgrade()?;
+    let (queue, ahead) = {
+        let p = lock_proto(&h);
+        (p.options.queue, p.options.queue_ahead)
+    };
+    if !queue {
+        return None;
+    }
     let start = Instant::now();
-    let deadline = Run::deadline(start, Duration::from_micros(us.max(0) as u64));
+    let deadline = Run::deadline(start, Duration::from_micros(us.max(0) as u64), ahead);
     let granted = match want {
         Want::Flock => wait_for_lock(&h, deadline - start, true),
         Want::Readers => Some(wait_for_readers(&h, deadline)),
@@ -832,19 +839,15 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
 /// stretches it; but its first steps are short (1, 2, 5, 10 ms …), and
 /// ending each on time means a retry that fails again while the queue moves.
 /// So a sleep waits at least what was asked and at most until the run's
-/// start plus everything requested so far plus [`RUN_AHEAD`]: the whole run
-/// never exceeds the busy timeout by more than that, and most queued writers
-/// are served inside the first sleep.
+/// start plus everything requested so far plus `writelock_queue_ahead_ms`
+/// (25 ms): the whole run never exceeds the busy timeout by more than that,
+/// and most queued writers are served inside the first sleep.
 #[derive(Clone, Copy)]
 struct Run {
     start: Instant,
     requested: Duration,
     last_end: Instant,
 }
-
-/// How far ahead of SQLite's sleep schedule a run may wait (the documented
-/// tolerance on `busy_timeout`).
-pub(crate) const RUN_AHEAD: Duration = Duration::from_millis(25);
 
 /// Sleeps closer together than this belong to one run (the retry between
 /// two sleeps of one busy handler takes microseconds).
@@ -857,7 +860,7 @@ thread_local! {
 impl Run {
     /// The deadline of a sleep of `asked` starting `now`, counted into this
     /// thread's current run (or a new one).
-    fn deadline(now: Instant, asked: Duration) -> Instant {
+    fn deadline(now: Instant, asked: Duration, ahead: Duration) -> Instant {
         let mut run = match RUN.get() {
             Some(r) if now.saturating_duration_since(r.last_end) < RUN_JOIN => r,
             _ => Run {
@@ -868,7 +871,7 @@ impl Run {
         };
         run.requested += asked;
         RUN.set(Some(run));
-        (run.start + run.requested + RUN_AHEAD).max(now + asked)
+        (run.start + run.requested + ahead).max(now + asked)
     }
 
     /// A sleep ended; a granted lock ends the run.
@@ -956,10 +959,13 @@ fn wait_for_lock(h: &Shared, dur: Duration, retry_follows: bool) -> Option<bool>
         .wait_timeout_while(p, dur, |p| !p.holds() && !p.closed)
         .unwrap_or_else(|e| e.into_inner());
     p.sleepers -= 1;
+    let granted = p.holds();
+    p.counters.queued += 1;
+    p.counters.queue_granted += u64::from(granted);
     if retry_follows {
         p.last_sleep_end = Some(Instant::now());
     }
-    Some(p.holds())
+    Some(granted)
 }
 
 /// The queueing thread of one handle. Asked to (`queue_wanted`), it blocks

@@ -258,3 +258,44 @@ fn reader_behind_a_committing_writer_waits_at_most_its_timeout() {
         w.finish();
     }
 }
+
+/// Process-wide defaults come from the environment (`WRITELOCK_` + the
+/// option's name in capitals); a bad value fails the open with a message
+/// naming the variable, and nothing is written unprotected.
+#[test]
+fn environment_sets_process_wide_defaults() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "wal");
+    let shell = |var: &str, value: &str, sql: &str| {
+        let out = std::process::Command::new("sqlite3")
+            .arg("-batch")
+            .arg("-cmd")
+            .arg(format!(".load {}", writelock_tests::so_path().display()))
+            .arg("-cmd")
+            .arg(format!(".open {}", db.display()))
+            .arg(":memory:") // replaced by the .open above
+            .arg(sql)
+            .env(var, value)
+            .output()
+            .expect("sqlite3");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let q = "SELECT json_extract(writelock_status(), '$.databases[0].options.queue_ahead_ms'), \
+             json_extract(writelock_status(), '$.databases[0].options.queue');";
+    assert_eq!(shell("WRITELOCK_QUEUE_AHEAD_MS", "40", q).trim(), "40|1");
+    assert_eq!(shell("WRITELOCK_QUEUE", "0", q).trim(), "25|0");
+    let e = shell(
+        "WRITELOCK_QUEUE_AHEAD_MS",
+        "soon",
+        "INSERT INTO t VALUES (1);",
+    );
+    assert!(
+        e.contains("WRITELOCK_QUEUE_AHEAD_MS") && e.contains("'soon'"),
+        "{e}"
+    );
+    let n: i64 = open(&db, Mode::Stock)
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0, "the failed open wrote nothing");
+}

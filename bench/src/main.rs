@@ -164,6 +164,14 @@ fn finish(p: Proc) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("worker output {line:?}: {e}"))
 }
 
+/// Write back every dirty page (`sync(1)`) before a run starts, so the
+/// previous run's (and the setup's) writeback does not slow this run's
+/// fsyncs: runs follow each other closely and the modes take turns, so
+/// otherwise a mode pays for the one before it.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 /// A fresh database in `dir` for `journal`: schema and the initial queue.
 fn setup_db(dir: &Path, journal: Journal) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
@@ -251,6 +259,7 @@ fn run_single(s: &Settings, root: &Path, journal: Journal) -> (Single, Value) {
         for m in Mode::ALL {
             setup_db(&dir.join(m.name()), journal);
         }
+        settle();
         let out = finish(spawn(&[
             "single".into(),
             format!("db={}", dir.display()),
@@ -401,6 +410,7 @@ fn run_multi_once(
     acc: &mut Multi,
 ) -> Option<u64> {
     let db = setup_db(dir, journal);
+    settle();
     let lead = Duration::from_millis(300 + 40 * procs as u64);
     let start_ns = common::now_ns() + lead.as_nanos();
     let common_args = |role: &str, id: usize| -> Vec<String> {

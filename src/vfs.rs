@@ -884,72 +884,6 @@ impl Run {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    /// SQLite's default busy handler (sqliteDefaultBusyCallback) asks for
-    /// these sleeps, then 100 ms each, until busy_timeout is used up.
-    fn schedule(timeout_ms: u64) -> Vec<Duration> {
-        let steps = [1u64, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
-        let (mut out, mut total) = (Vec::new(), 0);
-        for i in 0.. {
-            let d = steps.get(i).copied().unwrap_or(100).min(timeout_ms - total);
-            if d == 0 {
-                break;
-            }
-            total += d;
-            out.push(Duration::from_millis(d));
-        }
-        out
-    }
-
-    #[test]
-    fn a_run_waits_at_least_what_was_asked_and_exceeds_busy_timeout_by_at_most_ahead() {
-        for timeout in [1u64, 30, 300, 5000] {
-            for ahead in [Duration::ZERO, 25 * MS, 100 * MS] {
-                RUN.set(None);
-                let t0 = Instant::now();
-                let (mut now, mut retries) = (t0, Duration::ZERO);
-                for asked in schedule(timeout) {
-                    let end = Run::deadline(now, asked, ahead);
-                    assert!(end >= now + asked, "never less than asked");
-                    now = end; // never granted: each sleep runs to its deadline
-                    Run::ended(false, now);
-                    let retry = Duration::from_micros(20); // between two sleeps
-                    now += retry;
-                    retries += retry;
-                }
-                let waited = now - t0;
-                // SQLite's own loop takes its retries on top of busy_timeout too.
-                let bound = Duration::from_millis(timeout) + ahead + retries;
-                assert!(waited <= bound, "{timeout} ms, ahead {ahead:?}: {waited:?}");
-                assert!(
-                    waited >= Duration::from_millis(timeout),
-                    "{timeout} ms: {waited:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_grant_ends_the_run_and_a_later_sleep_starts_a_new_one() {
-        RUN.set(None);
-        let t0 = Instant::now();
-        assert_eq!(Run::deadline(t0, MS, 25 * MS), t0 + 26 * MS);
-        Run::ended(true, t0 + 3 * MS);
-        assert!(RUN.get().is_none());
-        let t1 = t0 + 4 * MS;
-        assert_eq!(Run::deadline(t1, MS, 25 * MS), t1 + 26 * MS);
-        // Long after a run's last sleep, a new run starts too.
-        Run::ended(false, t1 + 26 * MS);
-        let t2 = t1 + 26 * MS + RUN_JOIN;
-        assert_eq!(Run::deadline(t2, 2 * MS, 25 * MS), t2 + 27 * MS);
-    }
-}
-
 /// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
 /// SQLite's whole backoff step, check every 200 us whether they are gone
 /// (only the one flock holder can be here, and new readers are held off by
@@ -1252,4 +1186,70 @@ pub(crate) fn register_vfs() -> Result<(), (c_int, String)> {
 /// The path shown for a database in reports.
 pub(crate) fn display_path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// SQLite's default busy handler (sqliteDefaultBusyCallback) asks for
+    /// these sleeps, then 100 ms each, until busy_timeout is used up.
+    fn schedule(timeout_ms: u64) -> Vec<Duration> {
+        let steps = [1u64, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
+        let (mut out, mut total) = (Vec::new(), 0);
+        for i in 0.. {
+            let d = steps.get(i).copied().unwrap_or(100).min(timeout_ms - total);
+            if d == 0 {
+                break;
+            }
+            total += d;
+            out.push(Duration::from_millis(d));
+        }
+        out
+    }
+
+    #[test]
+    fn a_run_waits_at_least_what_was_asked_and_exceeds_busy_timeout_by_at_most_ahead() {
+        for timeout in [1u64, 30, 300, 5000] {
+            for ahead in [Duration::ZERO, 25 * MS, 100 * MS] {
+                RUN.set(None);
+                let t0 = Instant::now();
+                let (mut now, mut retries) = (t0, Duration::ZERO);
+                for asked in schedule(timeout) {
+                    let end = Run::deadline(now, asked, ahead);
+                    assert!(end >= now + asked, "never less than asked");
+                    now = end; // never granted: each sleep runs to its deadline
+                    Run::ended(false, now);
+                    let retry = Duration::from_micros(20); // between two sleeps
+                    now += retry;
+                    retries += retry;
+                }
+                let waited = now - t0;
+                // SQLite's own loop takes its retries on top of busy_timeout too.
+                let bound = Duration::from_millis(timeout) + ahead + retries;
+                assert!(waited <= bound, "{timeout} ms, ahead {ahead:?}: {waited:?}");
+                assert!(
+                    waited >= Duration::from_millis(timeout),
+                    "{timeout} ms: {waited:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_grant_ends_the_run_and_a_later_sleep_starts_a_new_one() {
+        RUN.set(None);
+        let t0 = Instant::now();
+        assert_eq!(Run::deadline(t0, MS, 25 * MS), t0 + 26 * MS);
+        Run::ended(true, t0 + 3 * MS);
+        assert!(RUN.get().is_none());
+        let t1 = t0 + 4 * MS;
+        assert_eq!(Run::deadline(t1, MS, 25 * MS), t1 + 26 * MS);
+        // Long after a run's last sleep, a new run starts too.
+        Run::ended(false, t1 + 26 * MS);
+        let t2 = t1 + 26 * MS + RUN_JOIN;
+        assert_eq!(Run::deadline(t2, 2 * MS, 25 * MS), t2 + 27 * MS);
+    }
 }

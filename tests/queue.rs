@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use writelock_tests::{
-    create_table, lock_path, open, proc_locks_on, tempdir, wait_until, Mode, Shell,
+    create_table, lock_path, open, outside_flock_free, proc_locks_on, tempdir, wait_until, Mode,
+    Shell,
 };
 
 /// Two connections in one thread: the second writer waits its busy_timeout
@@ -298,4 +299,68 @@ fn environment_sets_process_wide_defaults() {
         .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 0, "the failed open wrote nothing");
+}
+
+/// The application takes its own `flock` on `<db>.lock` while its
+/// connection already queues for the lock (within the 250 ms in which a
+/// handle does not look for the process's own lock again): the connection
+/// borrows it soon after, and when the application lets go, the grant its
+/// queued waiter thread then gets is released — nothing keeps `<db>.lock`
+/// after the commit. Stock SQLite takes no lock, so its write never waits
+/// for the `flock(1)` holder in the first place.
+#[test]
+fn an_app_lock_taken_while_queued_is_borrowed_and_the_late_grant_released() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "wal");
+        let c = open(&db, mode);
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        // 1. Contend with another process: the handle looks for the app's
+        //    lock (none), queues, and writes once the holder lets go.
+        let holder = writelock_tests::FlockHolder::hold(&lock_path(&db));
+        let db2 = db.clone();
+        let releaser = std::thread::spawn(move || {
+            if mode == Mode::Writelock {
+                wait_until("the connection queues", || queued(&db2) == 1);
+            }
+            holder.release();
+        });
+        let t0 = Instant::now();
+        c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1); COMMIT;")
+            .unwrap();
+        if mode == Mode::Stock {
+            releaser.join().unwrap();
+            continue; // stock wrote without waiting for the holder at all
+        }
+        releaser.join().unwrap();
+        // 2. Right after, the application takes its own lock; the next
+        //    write queues behind it, then borrows it.
+        let app = std::fs::File::open(lock_path(&db)).unwrap();
+        app.lock().unwrap(); // flock(LOCK_EX)
+        c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (2);")
+            .unwrap();
+        let borrowed: bool = c
+            .query_row(
+                "SELECT json_extract(writelock_status(), '$.databases[0].borrowed')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(borrowed, "writes under the application's own lock");
+        if queued(&db) != 1 {
+            // A slow machine looked again before queueing: no late grant to
+            // test this time (the borrow above still had to happen).
+            eprintln!("note: no waiter was queued behind the app's lock");
+        }
+        // 3. The app lets go while the connection still borrows; a queued
+        //    waiter's grant must not stay with the connection's description.
+        drop(app);
+        wait_until("the queued waiter is served", || queued(&db) == 0);
+        c.execute_batch("COMMIT").unwrap();
+        wait_until("<db>.lock is free for other processes", || {
+            outside_flock_free(&db)
+        });
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
 }

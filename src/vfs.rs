@@ -884,22 +884,30 @@ impl Run {
     }
 }
 
-/// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
-/// SQLite's whole backoff step, check every 200 us whether they are gone
-/// (only the one flock holder can be here, and new readers are held off by
-/// its pending marker), up to `deadline`. It holds RESERVED and the flock
-/// meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
-fn wait_for_readers(h: &Shared, deadline: Instant) -> bool {
+/// Check `done` every `every` until it holds (`true`) or `deadline` passes
+/// (`false`).
+fn poll_until(deadline: Instant, every: Duration, mut done: impl FnMut() -> bool) -> bool {
     loop {
-        if lock_proto(h).try_shadow_write() {
+        if done() {
             return true;
         }
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
-        std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+        std::thread::sleep((deadline - now).min(every));
     }
+}
+
+/// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
+/// SQLite's whole backoff step, check every 200 us whether they are gone
+/// (only the one flock holder can be here, and new readers are held off by
+/// its pending marker), up to `deadline`. It holds RESERVED and the flock
+/// meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
+fn wait_for_readers(h: &Shared, deadline: Instant) -> bool {
+    poll_until(deadline, Duration::from_micros(200), || {
+        lock_proto(h).try_shadow_write()
+    })
 }
 
 /// A reader held off by a writer that waits for or holds EXCLUSIVE: check
@@ -908,16 +916,9 @@ fn wait_for_readers(h: &Shared, deadline: Instant) -> bool {
 /// writers' commits and starve readers. The handle holds no lock meanwhile
 /// (its SHARED was refused). Whether the writer is done.
 fn wait_for_writer(h: &Shared, deadline: Instant) -> bool {
-    loop {
-        if !lock_proto(h).read_blocked() {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        std::thread::sleep((deadline - now).min(Duration::from_micros(100)));
-    }
+    poll_until(deadline, Duration::from_micros(100), || {
+        !lock_proto(h).read_blocked()
+    })
 }
 
 /// Queue for the flock for at most `dur`, holding it as a write intent when

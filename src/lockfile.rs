@@ -190,6 +190,22 @@ fn watch_forks() {
 /// [`LockFile::duplicate`]): registered as ours while open.
 pub struct DupFd(Option<File>);
 
+impl DupFd {
+    /// Block in `flock(LOCK_EX)` until the description gets the lock. The
+    /// lock then belongs to the handle too (same open file description);
+    /// closing this duplicate later leaves it in place.
+    pub fn lock_exclusive(&self) -> nix::Result<()> {
+        #[allow(deprecated)] // nix's Flock would unlock on drop; we must not.
+        nix::fcntl::flock(self.as_raw_fd(), FlockArg::LockExclusive)
+    }
+
+    /// `flock(LOCK_UN)`: release the description's lock (the handle's too).
+    pub fn unlock(&self) {
+        #[allow(deprecated)]
+        let _ = nix::fcntl::flock(self.as_raw_fd(), FlockArg::Unlock);
+    }
+}
+
 impl AsRawFd for DupFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0.as_ref().map_or(-1, |f| f.as_raw_fd())
@@ -687,8 +703,7 @@ mod tests {
         let a = LockFile::open(&db).unwrap();
         let mut b = LockFile::open(&db).unwrap();
         let dup = a.duplicate().unwrap();
-        #[allow(deprecated)]
-        nix::fcntl::flock(dup.as_raw_fd(), FlockArg::LockExclusiveNonblock).unwrap();
+        dup.lock_exclusive().unwrap(); // free: granted at once
         assert!(!b.try_lock().unwrap());
         assert!(!b.is_borrowed());
         drop(dup);

@@ -978,7 +978,6 @@ fn wait_for_lock(h: &Shared, dur: Duration, retry_follows: bool) -> Option<bool>
 /// then waits up to [`WAITER_LINGER`] for the handle's next wait, and exits
 /// when there is none or the handle closes.
 fn waiter(h: Shared, dup: DupFd) {
-    use std::os::fd::AsRawFd;
     loop {
         {
             let p = lock_proto(&h);
@@ -995,8 +994,7 @@ fn waiter(h: Shared, dup: DupFd) {
         }
         // A blocking flock with no timeout is what makes this a queue; the
         // thread is the only thing that waits, and it always ends by deciding.
-        #[allow(deprecated)] // nix's Flock would unlock on drop; we must not.
-        let got = nix::fcntl::flock(dup.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive);
+        let got = dup.lock_exclusive();
         let mut p = lock_proto(&h);
         p.waiter_queued = false;
         if got.is_err() {
@@ -1007,8 +1005,7 @@ fn waiter(h: Shared, dup: DupFd) {
             if p.flock().is_borrowed() {
                 // The handle borrows the application's lock, so this grant
                 // (which came after the application let go) is nobody's.
-                #[allow(deprecated)]
-                let _ = nix::fcntl::flock(dup.as_raw_fd(), nix::fcntl::FlockArg::Unlock);
+                dup.unlock();
             }
             continue; // else the handle took it already (same description)
         }

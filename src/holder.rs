@@ -24,17 +24,23 @@ pub fn now_ms() -> u64 {
 
 /// The record for `pid` taking the lock at `since_ms`.
 pub fn record(pid: u32, since_ms: u64) -> [u8; RECORD_LEN] {
+    use std::io::Write;
     let mut out = [b' '; RECORD_LEN];
-    let s = format!("writelock-holder v1 pid={pid} since_ms={since_ms}");
-    out[..s.len()].copy_from_slice(s.as_bytes());
+    // Formatted in place (this runs on every acquisition). A 10-digit pid
+    // and 13-digit milliseconds take 57 bytes, which fit before the newline;
+    // an absurd value would be cut short, never overrun the buffer.
+    let _ = write!(
+        &mut out[..RECORD_LEN - 1],
+        "writelock-holder v1 pid={pid} since_ms={since_ms}"
+    );
     out[RECORD_LEN - 1] = b'\n';
     out
 }
 
-/// Write the record for this process, now. Best effort: the record only
-/// informs; failing to write it must not fail a transaction.
-pub fn write_record(f: &File) {
-    let _ = f.write_at(&record(std::process::id(), now_ms()), 0);
+/// Write the record for process `pid` (the caller's), now. Best effort: the
+/// record only informs; failing to write it must not fail a transaction.
+pub fn write_record(f: &File, pid: u32) {
+    let _ = f.write_at(&record(pid, now_ms()), 0);
 }
 
 /// Parse a record: `(pid, since_ms)`.
@@ -136,7 +142,7 @@ mod tests {
         let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|e| e.1)
             .unwrap();
-        write_record(&f);
+        write_record(&f, std::process::id());
         let h = current_holder(&p).unwrap();
         assert_eq!(h.pid, std::process::id());
         assert!(h.held_for.unwrap() < Duration::from_secs(5));

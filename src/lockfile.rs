@@ -392,7 +392,7 @@ impl LockFile {
         match std::mem::replace(&mut self.state, State::Transit) {
             State::Unlocked(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(locked) => {
-                    crate::holder::write_record(&locked);
+                    crate::holder::write_record(&locked, self.pid as u32); // check_pid passed
                     self.state = State::Locked(locked);
                     *ours().held.entry(self.key).or_default() += 1;
                     Ok(true)

@@ -823,34 +823,31 @@ fn drive() {
                 })
                 .collect(),
         };
+        // "ratio (writelock / other ms) (verdict)" for the latency rows.
+        let ms_cell = |w: f64, other: f64, met: &dyn Fn(f64) -> bool| {
+            let x = w / other;
+            format!(
+                "{} ({} / {} ms) ({})",
+                f(x, 3),
+                ms(w),
+                ms(other),
+                verdict(met(x))
+            )
+        };
         targets.push(row("8 writers: SQLITE_BUSY reaching the app = 0", &|j| {
             let b = get(j, Mode::Writelock).busy;
             format!("{b} ({})", verdict(b == 0))
         }));
         targets.push(row("8 writers: max wait ≤ 0.1 × stock's", &|j| {
             let (w, st) = (p(j, Mode::Writelock, 100.0), p(j, Mode::Stock, 100.0));
-            let x = w / st;
-            format!(
-                "{} ({} / {} ms) ({})",
-                f(x, 3),
-                ms(w),
-                ms(st),
-                verdict(x <= 0.1)
-            )
+            ms_cell(w, st, &|x| x <= 0.1)
         }));
         targets.push(row(
             "8 writers: p99 wait ≤ 1.25 × better of stock, app-flock",
             &|j| {
                 let w = p(j, Mode::Writelock, 99.0);
                 let best = p(j, Mode::Stock, 99.0).min(p(j, Mode::AppFlock, 99.0));
-                let x = w / best;
-                format!(
-                    "{} ({} / {} ms) ({})",
-                    f(x, 3),
-                    ms(w),
-                    ms(best),
-                    verdict(x <= 1.25)
-                )
+                ms_cell(w, best, &|x| x <= 1.25)
             },
         ));
         targets.push(row(
@@ -893,14 +890,7 @@ fn drive() {
         ] {
             targets.push(row(label, &|j| {
                 let (w, st) = (rp(j, Mode::Writelock, pct), rp(j, Mode::Stock, pct));
-                let x = w / st;
-                format!(
-                    "{} ({} / {} ms) ({})",
-                    f(x, 3),
-                    ms(w),
-                    ms(st),
-                    verdict(x <= 1.0)
-                )
+                ms_cell(w, st, &|x| x <= 1.0)
             }));
         }
     }

@@ -269,18 +269,10 @@ fn environment_sets_process_wide_defaults() {
     let db = dir.path().join("app.db");
     create_table(&db, "wal");
     let shell = |var: &str, value: &str, sql: &str| {
-        let out = std::process::Command::new("sqlite3")
-            .arg("-batch")
-            .arg("-cmd")
-            .arg(format!(".load {}", writelock_tests::so_path().display()))
-            .arg("-cmd")
-            .arg(format!(".open {}", db.display()))
-            .arg(":memory:") // replaced by the .open above
-            .arg(sql)
-            .env(var, value)
-            .output()
-            .expect("sqlite3");
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+        let mut s = Shell::start_env(&[(var, value)], &db, Mode::Writelock);
+        let out = s.run(sql);
+        s.finish();
+        out
     };
     let q = "SELECT json_extract(writelock_status(), '$.databases[0].options.queue_ahead_ms'), \
              json_extract(writelock_status(), '$.databases[0].options.queue');";

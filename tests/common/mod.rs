@@ -195,6 +195,20 @@ impl Shell {
 
     /// [`Shell::start`] under a wrapper command, e.g. `["flock", "-x", "app.db.lock"]`.
     pub fn start_wrapped(wrapper: &[&std::ffi::OsStr], db: &Path, mode: Mode) -> Shell {
+        Shell::start_with(wrapper, &[], db, mode)
+    }
+
+    /// [`Shell::start`] with extra environment variables.
+    pub fn start_env(env: &[(&str, &str)], db: &Path, mode: Mode) -> Shell {
+        Shell::start_with(&[], env, db, mode)
+    }
+
+    fn start_with(
+        wrapper: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+        db: &Path,
+        mode: Mode,
+    ) -> Shell {
         let mut cmd = match wrapper.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
@@ -209,6 +223,7 @@ impl Shell {
                 .arg(format!(".load {}", so_path().display()));
         }
         cmd.arg("-cmd").arg(format!(".open {}", db.display()));
+        cmd.envs(env.iter().copied());
         let (r, w) = std::io::pipe().unwrap();
         let mut child = cmd
             .stdin(Stdio::piped())

@@ -1,74 +1,113 @@
-//! Who holds `<db>.lock`: the kernel's lock table and the holder record.
+//! Who holds `<db>.lock`, and who waits: the kernel's lock table and the
+//! holder record on the shared page.
 //!
-//! The kernel is the truth about *who* (`/proc/locks` lists every `flock` with
-//! the pid that took it). *Since when* comes from a small record the holder
-//! writes into `<db>.lock` when it takes the lock: one `pwrite` of a fixed
-//! 64-byte line, no fsync, no extra file. A record is trusted only when its
-//! pid is the pid the kernel reports (a `flock(1)` holder writes none).
+//! The kernel is the truth about *who* (`/proc/locks` lists every `flock`
+//! with the pid that took it, and blocked `flock` waiters as `->` lines).
+//! *Since when* comes from the holder record that holders of the extension
+//! keep on the shared page (`<db>.lock-shm`); it is trusted only when its pid
+//! is the pid the kernel reports (a `flock(1)` holder writes none).
+//!
+//! `/proc/locks` names a file by `major:minor:inode` as the kernel's lock
+//! code sees it, which is not always what `stat()` reports (btrfs subvolumes
+//! and overlayfs give `stat()` other device numbers). So the file's name in
+//! the table is learnt from the table itself: an OFD read lock taken for an
+//! instant on a byte nobody else uses shows up in `/proc/locks` under exactly
+//! that name ([`kernel_name`]).
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-/// Size of the record at offset 0 of `<db>.lock`.
-pub const RECORD_LEN: usize = 64;
+use nix::libc;
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
+/// A file's name in `/proc/locks`: `major:minor:inode` (device in hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelName(pub String);
+
+/// One line of `/proc/locks`, the parts we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Line<'a> {
+    blocked: bool,
+    kind: &'a str,
+    mode: &'a str,
+    pid: i64,
+    file: &'a str,
+    start: &'a str,
+    end: &'a str,
 }
 
-/// The record for `pid` taking the lock at `since_ms`.
-pub fn record(pid: u32, since_ms: u64) -> [u8; RECORD_LEN] {
-    use std::io::Write;
-    let mut out = [b' '; RECORD_LEN];
-    // Formatted in place (this runs on every acquisition). A 10-digit pid
-    // and 13-digit milliseconds take 57 bytes, which fit before the newline;
-    // an absurd value would be cut short, never overrun the buffer.
-    let _ = write!(
-        &mut out[..RECORD_LEN - 1],
-        "writelock-holder v1 pid={pid} since_ms={since_ms}"
-    );
-    out[RECORD_LEN - 1] = b'\n';
-    out
+fn lines(text: &str) -> impl Iterator<Item = Line<'_>> {
+    text.lines().filter_map(|l| {
+        let mut f: Vec<&str> = l.split_whitespace().collect();
+        // Blocked waiters are listed as "1: -> FLOCK ...".
+        let blocked = f.get(1) == Some(&"->");
+        if blocked {
+            f.remove(1);
+        }
+        Some(Line {
+            blocked,
+            kind: f.get(1)?,
+            mode: f.get(3)?,
+            pid: f.get(4)?.parse().ok()?,
+            file: f.get(5)?,
+            start: f.get(6)?,
+            end: f.get(7)?,
+        })
+    })
 }
 
-/// Write the record for process `pid` (the caller's), now. Best effort: the
-/// record only informs; failing to write it must not fail a transaction.
-pub fn write_record(f: &File, pid: u32) {
-    let _ = f.write_at(&record(pid, now_ms()), 0);
+/// The pid holding an exclusive `flock` on the file `name`, from a
+/// `/proc/locks` text. OFD and POSIX locks (our shadow locks, SQLite's) and
+/// blocked waiters are skipped.
+pub fn flock_holder_in(proc_locks: &str, name: &KernelName) -> Option<u32> {
+    lines(proc_locks)
+        .find(|l| !l.blocked && l.kind == "FLOCK" && l.mode == "WRITE" && l.file == name.0)
+        .and_then(|l| u32::try_from(l.pid).ok())
 }
 
-/// Parse a record: `(pid, since_ms)`.
-pub fn parse_record(bytes: &[u8]) -> Option<(u32, u64)> {
-    let s = std::str::from_utf8(bytes.get(..RECORD_LEN.min(bytes.len()))?).ok()?;
-    let mut it = s.split_whitespace();
-    if it.next()? != "writelock-holder" || it.next()? != "v1" {
+/// The pids blocked in `flock` on the file `name`, in the kernel's order.
+pub fn flock_waiters_in(proc_locks: &str, name: &KernelName) -> Vec<u32> {
+    lines(proc_locks)
+        .filter(|l| l.blocked && l.kind == "FLOCK" && l.file == name.0)
+        .filter_map(|l| u32::try_from(l.pid).ok())
+        .collect()
+}
+
+/// The name `/proc/locks` gives the lock file at `lock_path`, learnt by
+/// taking an OFD read lock on a byte nobody else uses, for an instant.
+/// Opens the file read-only and creates nothing (None if it cannot be
+/// opened). The byte is far beyond anything the protocol uses and differs
+/// per process and call, so two lookups never confuse each other's lines.
+pub fn kernel_name(lock_path: &Path) -> Option<KernelName> {
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(lock_path)
+        .ok()?;
+    if !f.metadata().ok()?.file_type().is_file() {
         return None;
     }
-    let pid = it.next()?.strip_prefix("pid=")?.parse().ok()?;
-    let since = it.next()?.strip_prefix("since_ms=")?.parse().ok()?;
-    Some((pid, since))
-}
-
-/// The pid holding an exclusive `flock` on the file with inode `ino`, from a
-/// `/proc/locks` text. Lines look like
-/// `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF` (device in hex, inode in
-/// decimal). OFD and POSIX locks (our shadow locks, SQLite's) are skipped.
-pub fn flock_holder_in(proc_locks: &str, ino: u64) -> Option<u32> {
-    proc_locks.lines().find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // Blocked waiters are listed as "1: -> FLOCK ...": f[1] is "->".
-        if f.get(1) != Some(&"FLOCK") || f.get(3) != Some(&"WRITE") {
-            return None;
-        }
-        let file_ino: u64 = f.get(5)?.rsplit(':').next()?.parse().ok()?;
-        (file_ino == ino).then(|| f.get(4)?.parse().ok()).flatten()
-    })
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let byte = (1i64 << 40)
+        + ((std::process::id() as i64) << 16)
+        + (CALLS.fetch_add(1, Ordering::Relaxed) & 0xFFFF) as i64;
+    let fl = libc::flock {
+        l_type: libc::F_RDLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).ok()?;
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    // Closing `f` drops the probe lock.
+    let b = byte.to_string();
+    let name = lines(&text)
+        .find(|l| l.kind == "OFDLCK" && l.start == b && l.end == b)
+        .map(|l| KernelName(l.file.to_string()));
+    name
 }
 
 /// What is known about the holder of a lock file right now.
@@ -80,18 +119,25 @@ pub struct Holder {
     pub held_for: Option<Duration>,
 }
 
+/// The holder and the blocked `flock` waiters of `lock_path` now, from one
+/// read of `/proc/locks` (None: no lock file, or unreadable).
+pub fn holder_and_waiters(lock_path: &Path) -> Option<(Option<Holder>, Vec<u32>)> {
+    let name = kernel_name(lock_path)?;
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let waiters = flock_waiters_in(&text, &name);
+    let holder = flock_holder_in(&text, &name).map(|pid| {
+        let held_for = crate::page::peek(lock_path)
+            .and_then(|s| s.holder)
+            .filter(|h| h.pid == pid)
+            .map(|h| Duration::from_millis(crate::page::now_ms().saturating_sub(h.since_ms)));
+        Holder { pid, held_for }
+    });
+    Some((holder, waiters))
+}
+
 /// Look up the holder of `lock_path` (None when free or unreadable).
 pub fn current_holder(lock_path: &Path) -> Option<Holder> {
-    let ino = std::fs::symlink_metadata(lock_path).ok()?.ino();
-    let pid = flock_holder_in(&std::fs::read_to_string("/proc/locks").ok()?, ino)?;
-    let mut buf = [0u8; RECORD_LEN];
-    let held_for = File::open(lock_path)
-        .and_then(|f| f.read_at(&mut buf, 0))
-        .ok()
-        .and_then(|n| parse_record(&buf[..n]))
-        .filter(|(rpid, _)| *rpid == pid)
-        .map(|(_, since)| Duration::from_millis(now_ms().saturating_sub(since)));
-    Some(Holder { pid, held_for })
+    holder_and_waiters(lock_path)?.0
 }
 
 /// A process's command line, arguments joined by spaces.
@@ -110,42 +156,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn record_round_trips() {
-        let r = record(4242, 1_700_000_000_123);
-        assert_eq!(r.len(), RECORD_LEN);
-        assert_eq!(parse_record(&r), Some((4242, 1_700_000_000_123)));
-        assert_eq!(parse_record(b""), None);
-        assert_eq!(parse_record(b"something else entirely"), None);
-    }
-
-    #[test]
-    fn finds_the_flock_writer_only() {
+    fn finds_the_flock_writer_of_this_file_only() {
         let text = "\
 1: OFDLCK ADVISORY  READ  -1 fd:01:77 0 0
 2: POSIX  ADVISORY  READ  99 fd:01:77 1073741826 1073742335
 3: FLOCK  ADVISORY  WRITE 1234 fd:01:77 0 EOF
 3: -> FLOCK  ADVISORY  WRITE 555 fd:01:77 0 EOF
 4: FLOCK  ADVISORY  WRITE 888 fd:01:78 0 EOF
+5: FLOCK  ADVISORY  WRITE 999 08:02:77 0 EOF
 ";
-        assert_eq!(flock_holder_in(text, 77), Some(1234));
-        assert_eq!(flock_holder_in(text, 78), Some(888));
-        assert_eq!(flock_holder_in(text, 79), None);
+        let n = |s: &str| KernelName(s.into());
+        assert_eq!(flock_holder_in(text, &n("fd:01:77")), Some(1234));
+        assert_eq!(flock_holder_in(text, &n("fd:01:78")), Some(888));
+        assert_eq!(
+            flock_holder_in(text, &n("08:02:77")),
+            Some(999),
+            "same inode, another device: another file"
+        );
+        assert_eq!(flock_holder_in(text, &n("fd:01:79")), None);
+        assert_eq!(flock_waiters_in(text, &n("fd:01:77")), [555]);
     }
 
     #[test]
-    fn holder_of_a_real_lock() {
+    fn holder_of_a_real_lock_by_the_kernels_own_name_for_the_file() {
         let dir = std::env::temp_dir().join(format!("wl-holder-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let p = dir.join("h.db.lock");
         let f = File::create(&p).unwrap();
+        let name = kernel_name(&p).unwrap();
+        assert!(name.0.matches(':').count() == 2, "{name:?}");
         assert_eq!(current_holder(&p), None);
-        let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map(|l| {
+                let h = current_holder(&p).unwrap();
+                assert_eq!(h.pid, std::process::id());
+                assert!(cmdline(h.pid).is_some());
+                drop(l);
+            })
             .map_err(|e| e.1)
             .unwrap();
-        write_record(&f, std::process::id());
-        let h = current_holder(&p).unwrap();
-        assert_eq!(h.pid, std::process::id());
-        assert!(h.held_for.unwrap() < Duration::from_secs(5));
-        assert!(cmdline(h.pid).is_some());
+        assert_eq!(
+            kernel_name(&dir.join("missing.lock")),
+            None,
+            "creates nothing"
+        );
+        assert!(!dir.join("missing.lock").exists());
     }
 }

@@ -2,14 +2,19 @@
 //!
 //! A VFS shim, loaded as an extension, that holds an exclusive `flock()` on
 //! `<db>.lock` for exactly as long as a connection is a writer — rollback and
-//! WAL modes alike. See `README.md` for users and `../shared/DESIGN.md` for the
+//! WAL modes alike. See `README.md` for users and `docs/protocol.md` for the
 //! protocol's reasoning.
 //!
 //! Layout:
-//! * [`lockfile`] — `<db>.lock`: safe open, `flock`, errors (pure Rust).
+//! * [`lockfile`] — `<db>.lock`: safe open, `flock`, OFD bytes, borrowing the
+//!   process's own lock, moving to a fresh file (pure Rust).
+//! * [`page`] — `<db>.lock-shm`: the holder record and the waiter slots.
+//! * [`process`] — pid, `fork()`, the descriptors the extension owns.
+//! * [`timer`] — the one timer thread per process.
 //! * [`holder`] — who holds it: `/proc/locks` and the holder record (pure Rust).
-//! * [`options`] — per-connection options from URI parameters and PRAGMAs.
+//! * [`options`] — options from the environment, URI parameters and PRAGMAs.
 //! * [`protocol`] — when a handle is a writer and so must hold the lock (pure Rust).
+//! * [`wait`] — where and how long a refused connection waits.
 //! * `vfs` — the FFI shim over the default VFS.
 //! * `sql` — `writelock_version()`, `writelock_status()`, the auto-extension.
 
@@ -21,10 +26,14 @@ pub mod holder;
 pub mod lockfile;
 pub mod netfs;
 pub mod options;
+pub mod page;
+pub mod process;
 pub mod protocol;
 mod sql;
 pub mod stats;
+pub mod timer;
 mod vfs;
+pub mod wait;
 
 pub use sql::VERSION;
 pub use vfs::VFS_NAME;

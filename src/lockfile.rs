@@ -1,25 +1,35 @@
-//! The side file `<db>.lock` and the exclusive `flock()` on it.
+//! The side file `<db>.lock` and the locks on it.
 //!
-//! Pure Rust, no SQLite: opening the file safely, taking and dropping the lock,
-//! and errors that name the path and the cause. The name `<db>.lock` is a public
-//! contract: `flock(1)` scripts and applications that lock it exclude, and are
-//! excluded by, every connection of this extension.
+//! Pure Rust, no SQLite: opening the file safely, the exclusive `flock()`
+//! (the writer lock, the public contract), the OFD locks on single bytes
+//! (the shadows of SQLite's own locks, see `docs/protocol.md`), borrowing the
+//! process's own `flock`, and moving to a fresh file when `<db>.lock` was
+//! deleted or replaced. Every error names the path and the cause.
+//!
+//! Bytes of `<db>.lock` (locks beyond the end of a file are fine; the file's
+//! content is not used):
+//!
+//! | byte | lock | held by |
+//! |---|---|---|
+//! | 0 | OFD read / write | the shadow of SQLite's SHARED / EXCLUSIVE |
+//! | 1 | OFD write | the shadow of PENDING: a writer waiting for EXCLUSIVE |
+//! | 2 | OFD read | every descriptor the extension opens, for life: how any copy or version of the extension tells its descriptors from the application's |
+//! | 3 | OFD write | a handle that borrows its process's own `flock` |
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, Mutex, Once};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use nix::libc;
-use nix::unistd::Pid;
+
+use crate::page::{flags, Page};
+use crate::process;
 
 /// Why `<db>.lock` cannot serve as the writer lock. Every variant names the path.
 #[derive(Debug)]
@@ -35,8 +45,8 @@ pub enum LockError {
     /// parent's lock.
     Forked {
         path: PathBuf,
-        opened_in: i32,
-        used_in: i32,
+        opened_in: u32,
+        used_in: u32,
     },
 }
 
@@ -98,14 +108,55 @@ pub fn lock_path_for(db_path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Byte of `<db>.lock` that carries the OFD "shadow" of SQLite's SHARED /
-/// EXCLUSIVE locks. The file stays empty; locks beyond EOF are fine.
-const SHADOW_BYTE: i64 = 0;
+/// The database path as SQLite's unix VFS makes it before it opens a file:
+/// absolute, with every symlink resolved (a database reached through a link
+/// is locked at `<resolved path>.lock`). A last component that does not
+/// exist yet is kept as it is. Tools use this to name the lock file the
+/// connections use.
+pub fn resolve_db_path(p: &Path) -> io::Result<PathBuf> {
+    match std::fs::canonicalize(p) {
+        Ok(r) => Ok(r),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let name = p.file_name().ok_or(e)?;
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            Ok(std::fs::canonicalize(parent)?.join(name))
+        }
+        Err(e) => Err(e),
+    }
+}
 
-/// Byte of `<db>.lock` that shadows SQLite's PENDING lock: held (OFD write
-/// lock) by a writer waiting for EXCLUSIVE, so that new readers wait instead
-/// of starving it.
+/// What kind of file a path names, for messages ("a directory").
+pub fn kind_of(ft: std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "regular file"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_symlink() {
+        "symlink"
+    } else {
+        "special file"
+    }
+}
+
+/// Byte of the shadow of SQLite's SHARED / EXCLUSIVE locks.
+const SHADOW_BYTE: i64 = 0;
+/// Byte of the shadow of SQLite's PENDING lock.
 const PENDING_BYTE: i64 = 1;
+/// Byte every descriptor of the extension holds a read lock on, for life.
+pub const MARKER_BYTE: i64 = 2;
+/// Byte a borrowing handle holds a write lock on while it borrows.
+const BORROW_BYTE: i64 = 3;
 
 /// The OFD shadow lock a handle holds (see [`LockFile::shadow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,177 +169,263 @@ pub enum Shadow {
     Write,
 }
 
-enum State {
-    Unlocked(File),
-    Locked(Flock<File>),
-    /// Only while a state transition is in flight; never observed between calls.
-    Transit,
+/// How a handle holds the writer lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    No,
+    /// Its own `flock` on its own description.
+    Own,
+    /// The process's own lock, taken by the application (see [`LockFile::try_lock`]).
+    Borrowed,
+}
+
+/// Who opens the lock file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opener {
+    /// A connection of the extension: its descriptor is marked as the
+    /// extension's (byte 2) and dropped by forked children.
+    Extension,
+    /// A tool (`writelock run`): an unmarked descriptor that the command it
+    /// runs inherits on purpose, so the command's connections borrow it.
+    Tool,
+}
+
+/// Counters of one lock file handle.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LockCounters {
+    /// Looks through this process's descriptors for its own `flock`.
+    pub scans: u64,
+    /// Times it borrowed that lock.
+    pub borrows: u64,
+    /// Times it moved to a fresh `<db>.lock` (the old one was deleted or replaced).
+    pub reopens: u64,
 }
 
 /// An open `<db>.lock`, with its own open file description: two handles in
 /// one process exclude each other just as two processes do.
 pub struct LockFile {
     path: PathBuf,
-    /// (device, inode): the key of [`OURS`].
+    file: File,
+    /// (device, inode) of the file open now.
     key: (u64, u64),
-    state: State,
-    /// Holding by borrowing the process's own lock (see [`LockFile::try_lock`]).
-    borrowed: bool,
-    /// When this handle last looked for the process's own lock (see
-    /// [`BORROW_RESCAN`]).
-    last_scan: Option<Instant>,
-    pid: i32,
+    /// Permission bits and owner for a file created anew.
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    opener: Opener,
+    hold: Hold,
+    /// The OFD locks this description holds, to move them with a reopen.
+    shadow: Shadow,
+    pending: bool,
+    page: Option<Arc<Page>>,
+    /// The process that opened it (a forked child must not act on it).
+    pid: u32,
+    counters: LockCounters,
 }
 
-/// What this process's handles have: how many hold (or borrow) each lock
-/// file now, and every descriptor they opened on lock files (their own and
-/// waiter threads' duplicates), which a scan for the *application's* lock
-/// must not mistake for it.
-#[derive(Default)]
-struct Ours {
-    held: HashMap<(u64, u64), u32>,
-    fds: HashSet<RawFd>,
+/// Identifies this copy of the extension in this process in the holder
+/// record (24 random bits; 0 until first needed).
+static TOKEN: AtomicU32 = AtomicU32::new(0);
+
+fn token() -> u32 {
+    let t = TOKEN.load(Ordering::Relaxed);
+    if t != 0 {
+        return t;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(process::pid());
+    let fresh = (h.finish() as u32 & 0xFF_FFFF).max(1);
+    match TOKEN.compare_exchange(0, fresh, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => fresh,
+        Err(t) => t,
+    }
 }
 
-static OURS: LazyLock<Mutex<Ours>> = LazyLock::new(Default::default);
+/// The calls that need `unsafe`, kept together.
+mod sys {
+    use super::*;
 
-fn ours() -> std::sync::MutexGuard<'static, Ours> {
-    OURS.lock().unwrap_or_else(|e| e.into_inner())
-}
+    /// `flock(fd, op)`; nix's `Flock` would take ownership of the file and
+    /// unlock on drop, which a forked child must never do.
+    pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
+    }
 
-/// A contended handle looks for the process's own lock (a scan of
-/// `/proc/self/fd`, tens of microseconds) at most this often. The first
-/// contended attempt of a handle always looks; an application that takes its
-/// own lock later is found within this long plus one busy-handler sleep.
-pub const BORROW_RESCAN: Duration = Duration::from_millis(250);
-
-/// Set in the child of a `fork()` (a `pthread_atfork` handler), so the fork
-/// check costs an atomic load instead of a `getpid()` on every lock call.
-static FORKED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn note_fork_child() {
-    // Async-signal-safe: one atomic store.
-    FORKED.store(true, Ordering::Relaxed);
-}
-
-fn watch_forks() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: FFI into libc with a handler that only stores an atomic.
-        // The extension is loaded permanently (SQLITE_OK_LOAD_PERMANENTLY),
-        // so the handler's code stays mapped for the life of the process.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(note_fork_child)) };
+    /// `(dev, ino, nlink)` of whatever descriptor `fd` is now (None if closed).
+    pub fn fstat(fd: RawFd) -> Option<(u64, u64, u64)> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a whole `stat` on success; `fd` may be any
+        // number (EBADF if closed), which touches no memory of ours.
+        let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
         if rc != 0 {
-            // Without the handler, assume a fork may have happened: every
-            // check then asks getpid(), as before.
-            FORKED.store(true, Ordering::Relaxed);
+            return None;
         }
-    });
-}
-
-/// A duplicate descriptor of a handle's lock file (see
-/// [`LockFile::duplicate`]): registered as ours while open.
-pub struct DupFd(Option<File>);
-
-impl DupFd {
-    /// Block in `flock(LOCK_EX)` until the description gets the lock. The
-    /// lock then belongs to the handle too (same open file description);
-    /// closing this duplicate later leaves it in place.
-    pub fn lock_exclusive(&self) -> nix::Result<()> {
-        #[allow(deprecated)] // nix's Flock would unlock on drop; we must not.
-        nix::fcntl::flock(self.as_raw_fd(), FlockArg::LockExclusive)
-    }
-
-    /// `flock(LOCK_UN)`: release the description's lock (the handle's too).
-    pub fn unlock(&self) {
-        #[allow(deprecated)]
-        let _ = nix::fcntl::flock(self.as_raw_fd(), FlockArg::Unlock);
+        // SAFETY: initialised by the successful call.
+        let st = unsafe { st.assume_init() };
+        Some((st.st_dev, st.st_ino, st.st_nlink))
     }
 }
 
-impl AsRawFd for DupFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_ref().map_or(-1, |f| f.as_raw_fd())
-    }
+/// What a look through this process's descriptors found on one lock file.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// A descriptor that is not the extension's holds the `flock`: the
+    /// application's own lock (or one inherited from `flock(1)`).
+    pub application_holds: bool,
+    /// A descriptor of the extension (any copy) holds it.
+    pub extension_holds: bool,
 }
 
-impl Drop for DupFd {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            let fd = f.as_raw_fd();
-            // Close first, then forget: a scan in between skips a number that
-            // may be reused (misses a borrow for a moment — fails closed)
-            // rather than seeing our own lock as the application's.
-            drop(f);
-            ours().fds.remove(&fd);
+/// Look through `/proc/self/fd` for descriptors on the file `key` whose open
+/// file description holds `LOCK_EX`, telling the extension's (marked with a
+/// read lock on [`MARKER_BYTE`]) from the application's. No process-wide lock
+/// is held meanwhile: a descriptor closed or reused under the look is at
+/// worst misjudged for an instant (and then found again on the next look).
+pub fn scan(key: (u64, u64)) -> Scan {
+    let mut found = Scan::default();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
+            continue;
+        };
+        if sys::fstat(fd).is_none_or(|(d, i, _)| (d, i) != key) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        let (mut flock, mut marked) = (false, false);
+        for l in info.lines().filter_map(|l| l.strip_prefix("lock:")) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK ADVISORY WRITE pid dev:ino 0 EOF"
+            // "2: OFDLCK ADVISORY READ -1 dev:ino 2 2"
+            match f.get(1..4) {
+                Some(["FLOCK", _, "WRITE"]) => flock = true,
+                Some(["OFDLCK", _, _]) => {
+                    let m = MARKER_BYTE.to_string();
+                    if f.get(6) == Some(&m.as_str()) && f.get(7) == Some(&m.as_str()) {
+                        marked = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if flock {
+            if marked {
+                found.extension_holds = true;
+            } else {
+                found.application_holds = true;
+            }
         }
     }
+    found
+}
+
+fn ofd(byte: i64, l_type: libc::c_int) -> libc::flock {
+    libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0, // F_OFD_* requires 0
+    }
+}
+
+/// Open (creating) the lock file at `path` with `mode`: no symlinks
+/// (`O_NOFOLLOW`), regular files only; a new file gets `mode` despite the
+/// umask, and the database's owner when we are root.
+fn open_file(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<File, LockError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(mode)
+        // O_NONBLOCK: opening a FIFO someone put there must not hang us.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| LockError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| LockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        return Err(LockError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(ft),
+        });
+    }
+    // As SQLite does for journals: a new (empty) lock file gets the
+    // database's mode despite the umask, and its owner when we are root,
+    // so every user who may write the database may also lock it.
+    if meta.len() == 0 && meta.mode() & 0o777 != mode {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+    }
+    if let Some((uid, gid)) = owner {
+        if nix::unistd::geteuid().is_root() && (meta.uid(), meta.gid()) != (uid, gid) {
+            let _ = std::os::unix::fs::fchown(&file, Some(uid), Some(gid));
+        }
+    }
+    Ok(file)
 }
 
 impl LockFile {
+    /// Open (creating if needed) the lock file for `db_path`, for a
+    /// connection of the extension.
+    pub fn open(db_path: &Path) -> Result<LockFile, LockError> {
+        LockFile::open_as(db_path, Opener::Extension)
+    }
+
     /// Open (creating if needed) the lock file for `db_path`.
     ///
     /// Refuses symlinks (`O_NOFOLLOW`) and anything that is not a regular file.
     /// A new file gets the permission bits of the database file, as SQLite does
     /// for its journals.
-    pub fn open(db_path: &Path) -> Result<LockFile, LockError> {
-        watch_forks();
+    pub fn open_as(db_path: &Path, opener: Opener) -> Result<LockFile, LockError> {
         let path = lock_path_for(db_path);
         let db_meta = std::fs::metadata(db_path).ok();
         let mode = db_meta.as_ref().map(|m| m.mode() & 0o777).unwrap_or(0o644);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(mode)
-            // O_NONBLOCK: opening a FIFO someone put there must not hang us.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|source| LockError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| LockError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        let ft = meta.file_type();
-        if !ft.is_file() {
-            let kind = if ft.is_dir() {
-                "directory"
-            } else if ft.is_fifo() {
-                "FIFO"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_char_device() || ft.is_block_device() {
-                "device"
-            } else {
-                "special file"
-            };
-            return Err(LockError::NotRegular { path, kind });
-        }
-        // As SQLite does for journals: a new (empty) lock file gets the
-        // database's mode despite the umask, and its owner when we are root,
-        // so every user who may write the database may also lock it.
-        if meta.len() == 0 && meta.mode() & 0o777 != mode {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
-        }
-        if let Some(db) = &db_meta {
-            if nix::unistd::geteuid().is_root() && (meta.uid(), meta.gid()) != (db.uid(), db.gid())
-            {
-                let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
-            }
-        }
-        ours().fds.insert(file.as_raw_fd());
-        Ok(LockFile {
+        let owner = db_meta.as_ref().map(|m| (m.uid(), m.gid()));
+        let file = open_file(&path, mode, owner)?;
+        let mut lf = LockFile {
+            key: (0, 0),
             path,
-            key: (meta.dev(), meta.ino()),
-            state: State::Unlocked(file),
-            borrowed: false,
-            last_scan: None,
-            pid: std::process::id() as i32,
-        })
+            file,
+            mode,
+            owner,
+            opener,
+            hold: Hold::No,
+            shadow: Shadow::Unlocked,
+            pending: false,
+            page: None,
+            pid: process::pid(),
+            counters: LockCounters::default(),
+        };
+        lf.adopt()?;
+        lf.page = Page::for_lock_file(&lf.path, mode);
+        Ok(lf)
+    }
+
+    /// Make `self.file` ours: note its identity, mark it as the extension's
+    /// and register it (see `process`).
+    fn adopt(&mut self) -> Result<(), LockError> {
+        let (dev, ino, _) = sys::fstat(self.file.as_raw_fd()).ok_or_else(|| LockError::Open {
+            path: self.path.clone(),
+            source: io::Error::last_os_error(),
+        })?;
+        self.key = (dev, ino);
+        if self.opener == Opener::Extension {
+            self.ofd_lock(MARKER_BYTE, libc::F_RDLCK)?;
+            process::register_fd(self.file.as_raw_fd());
+        }
+        Ok(())
     }
 
     /// The lock file's path.
@@ -296,83 +433,115 @@ impl LockFile {
         &self.path
     }
 
-    /// Whether this handle holds the exclusive lock now (or borrows it).
-    pub fn is_held(&self) -> bool {
-        self.borrowed || matches!(self.state, State::Locked(_))
+    /// (device, inode) of the lock file this handle has open.
+    pub fn key(&self) -> (u64, u64) {
+        self.key
     }
 
-    /// A duplicate descriptor of the same open file description: a lock taken
-    /// through it belongs to this handle too.
-    pub fn duplicate(&self) -> std::io::Result<DupFd> {
-        let mut o = ours();
-        let f = self.file().try_clone()?;
-        o.fds.insert(f.as_raw_fd());
-        Ok(DupFd(Some(f)))
+    /// The shared page of this database, if it could be opened.
+    pub fn page(&self) -> Option<&Arc<Page>> {
+        self.page.as_ref()
+    }
+
+    /// Counters of this handle's lock file work.
+    pub fn counters(&self) -> LockCounters {
+        self.counters
+    }
+
+    /// Whether this handle holds the exclusive lock now (or borrows it).
+    pub fn is_held(&self) -> bool {
+        self.hold != Hold::No
+    }
+
+    /// Whether this handle holds the lock by borrowing the process's own.
+    pub fn is_borrowed(&self) -> bool {
+        self.hold == Hold::Borrowed
     }
 
     /// Let child processes inherit the descriptor (clear `FD_CLOEXEC`), as
     /// `flock(1)` does: a child's own connections then borrow the lock.
     pub fn inherit_to_children(&self) -> Result<(), LockError> {
         use nix::fcntl::{FcntlArg, FdFlag};
-        nix::fcntl::fcntl(self.file(), FcntlArg::F_SETFD(FdFlag::empty()))
+        nix::fcntl::fcntl(&self.file, FcntlArg::F_SETFD(FdFlag::empty()))
             .map(drop)
-            .map_err(|errno| LockError::Flock {
-                path: self.path.clone(),
-                errno,
-            })
+            .map_err(|errno| self.flock_error(errno))
     }
 
-    /// Whether this handle holds the lock by borrowing the process's own.
-    pub fn is_borrowed(&self) -> bool {
-        self.borrowed
-    }
-
-    /// Whether another descriptor of *this process* holds `LOCK_EX` on the
-    /// file: the application's own flock (a migration wrapping its writes in
-    /// `flock(LOCK_EX)` while loading the extension), or one inherited from
-    /// `flock(1)` running us. `/proc/self/fdinfo/N` lists the locks owned by
-    /// the open file description behind descriptor N. Descriptors of our
-    /// own handles (`ours`) are skipped: their lock is never the application's.
-    fn process_holds_it(&self, ours: &HashSet<RawFd>) -> bool {
-        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
-            return false;
-        };
-        fds.flatten().any(|e| {
-            let name = e.file_name();
-            let Some(fd) = name.to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
-                return false;
-            };
-            !ours.contains(&fd)
-                && std::fs::metadata(e.path()).is_ok_and(|m| (m.dev(), m.ino()) == self.key)
-                && std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).is_ok_and(|info| {
-                    info.lines().any(|l| {
-                        l.starts_with("lock:") && l.contains("FLOCK") && l.contains("WRITE")
-                    })
-                })
-        })
-    }
-
-    /// Whether a contended attempt should look for the process's own lock now.
-    fn scan_due(&mut self) -> bool {
-        let now = Instant::now();
-        if self.last_scan.is_some_and(|t| now - t < BORROW_RESCAN) {
-            return false;
+    fn flock_error(&self, errno: Errno) -> LockError {
+        LockError::Flock {
+            path: self.path.clone(),
+            errno,
         }
-        self.last_scan = Some(now);
-        true
     }
 
     fn check_pid(&self) -> Result<(), LockError> {
-        if !FORKED.load(Ordering::Relaxed) {
-            return Ok(()); // no fork() in this process since the handler was set
+        if !process::forked() {
+            return Ok(()); // no fork() in this process since it started
         }
-        let now = nix::unistd::getpid();
-        if now != Pid::from_raw(self.pid) {
+        let now = process::pid();
+        if now != self.pid {
             return Err(LockError::Forked {
                 path: self.path.clone(),
                 opened_in: self.pid,
-                used_in: now.as_raw(),
+                used_in: now,
             });
+        }
+        Ok(())
+    }
+
+    /// Whether the file open here is no longer linked anywhere: `<db>.lock`
+    /// was deleted, or replaced by a rename over it. (Renaming it *away* keeps
+    /// it linked and is not noticed: do not do that.)
+    fn is_stale(&self) -> bool {
+        sys::fstat(self.file.as_raw_fd()).is_some_and(|(_, _, nlink)| nlink == 0)
+    }
+
+    /// Move to a fresh `<db>.lock` at the path: open (creating) it, take the
+    /// OFD locks held on the old one, then close the old one. Holds no flock.
+    fn reopen(&mut self) -> Result<(), LockError> {
+        debug_assert!(self.hold == Hold::No);
+        let fresh = open_file(&self.path, self.mode, self.owner)?;
+        let (old_file, old_key) = (std::mem::replace(&mut self.file, fresh), self.key);
+        if let Err(e) = self.adopt() {
+            // Keep the old file (still a valid lock, if a stale one).
+            drop(std::mem::replace(&mut self.file, old_file));
+            self.key = old_key;
+            return Err(e);
+        }
+        // Best effort: the fresh file's lock holders are the new domain's
+        // writers, and a reader or an attached WAL connection keeps its read
+        // lock while none of them writes the database file.
+        if self.shadow != Shadow::Unlocked {
+            let t = if self.shadow == Shadow::Write {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            };
+            if !matches!(self.ofd_lock(SHADOW_BYTE, t), Ok(true)) {
+                self.shadow = Shadow::Unlocked;
+            }
+        }
+        if self.pending && !matches!(self.ofd_lock(PENDING_BYTE, libc::F_WRLCK), Ok(true)) {
+            self.pending = false;
+        }
+        self.close_file(old_file);
+        self.counters.reopens += 1;
+        Ok(())
+    }
+
+    /// Close a descriptor of ours: forget it first (see `process`).
+    fn close_file(&self, f: File) {
+        if self.opener == Opener::Extension {
+            process::forget_fd(f.as_raw_fd());
+        }
+        drop(f);
+    }
+
+    /// A reader's check before it takes its shadow read lock: move to a
+    /// fresh `<db>.lock` if the one open here was deleted or replaced.
+    pub fn refresh(&mut self) -> Result<(), LockError> {
+        if self.hold == Hold::No && self.is_stale() {
+            self.reopen()?;
         }
         Ok(())
     }
@@ -380,92 +549,118 @@ impl LockFile {
     /// Try to take `LOCK_EX` without blocking: `Ok(true)` taken (or already
     /// held by this handle), `Ok(false)` someone else holds it.
     ///
+    /// After taking it, the file must still be the one at the path (see
+    /// [`Self::refresh`]); if not, the handle moves to the fresh file and
+    /// tries there, so no write begins under a lock nobody else can see.
+    ///
     /// When the holder is this very process through a descriptor that is not
-    /// one of our handles (see `process_holds_it`), the handle *borrows* that
-    /// lock instead of waiting for itself: other processes stay excluded by
-    /// it, and at most one handle of this process borrows at a time.
+    /// the extension's — the application's own `flock` around its write
+    /// transactions, or one inherited from `flock(1)` or `writelock run` —
+    /// the handle *borrows* that lock instead of waiting for itself (see
+    /// [`Self::borrow`]).
     pub fn try_lock(&mut self) -> Result<bool, LockError> {
         self.check_pid()?;
-        if self.is_held() {
+        if self.hold != Hold::No {
             return Ok(true);
         }
-        match std::mem::replace(&mut self.state, State::Transit) {
-            State::Unlocked(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(locked) => {
-                    crate::holder::write_record(&locked, self.pid as u32); // check_pid passed
-                    self.state = State::Locked(locked);
-                    *ours().held.entry(self.key).or_default() += 1;
-                    Ok(true)
-                }
-                Err((file, errno)) => {
-                    self.state = State::Unlocked(file);
-                    if errno == Errno::EWOULDBLOCK {
-                        let mut o = ours();
-                        let free = o.held.get(&self.key).is_none_or(|&n| n == 0);
-                        if free && self.scan_due() && self.process_holds_it(&o.fds) {
-                            *o.held.entry(self.key).or_default() += 1;
-                            self.borrowed = true;
-                            return Ok(true);
-                        }
-                        Ok(false)
-                    } else if errno == Errno::EINTR {
-                        Ok(false)
-                    } else {
-                        Err(LockError::Flock {
-                            path: self.path.clone(),
-                            errno,
-                        })
+        for _ in 0..3 {
+            match sys::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(()) => {
+                    if self.is_stale() {
+                        let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+                        self.reopen()?;
+                        continue;
                     }
+                    self.hold = Hold::Own;
+                    if let Some(p) = &self.page {
+                        let f = if self.opener == Opener::Tool {
+                            flags::TOOL
+                        } else {
+                            0
+                        };
+                        p.set_holder(process::pid(), token(), f);
+                    }
+                    return Ok(true);
                 }
-            },
-            held @ State::Locked(_) => {
-                self.state = held;
-                Ok(true)
-            }
-            State::Transit => unreachable!("lock file state left in transit"),
-        }
-    }
-
-    fn forget_holding(&self) {
-        let mut o = ours();
-        if let Some(n) = o.held.get_mut(&self.key) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                o.held.remove(&self.key);
+                // Contended: do not move even if stale — the holder may be a
+                // writer of the old file, and waiting for it keeps us apart.
+                Err(Errno::EWOULDBLOCK) => return self.borrow(),
+                Err(Errno::EINTR) => return Ok(false),
+                Err(errno) => return Err(self.flock_error(errno)),
             }
         }
+        Ok(false)
     }
 
-    /// Drop the lock if held. In a forked child the descriptor is shared with
-    /// the parent, so nothing is done: unlocking would release the parent's lock.
+    /// The `flock` is held by someone else: if that is this process, through
+    /// a descriptor that is not the extension's, borrow it. Other processes
+    /// stay excluded by the application's lock, and at most one handle (of
+    /// any copy of the extension in the process) borrows at a time: the
+    /// borrower holds an OFD write lock on [`BORROW_BYTE`].
+    ///
+    /// The holder record on the shared page saves the look through the
+    /// process's descriptors in the common cases: a holder of this copy in
+    /// this process, or a live holder of the extension in another process.
+    fn borrow(&mut self) -> Result<bool, LockError> {
+        if self.opener == Opener::Tool {
+            return Ok(false);
+        }
+        let me = process::pid();
+        let seen = self.page.as_ref().and_then(|p| p.holder());
+        if let Some(h) = seen {
+            if h.flags & flags::TOOL == 0 {
+                if h.pid == me && h.token == token() {
+                    return Ok(false); // another handle of this copy holds it
+                }
+                if h.pid != me && process::alive(h.pid) {
+                    return Ok(false); // the extension in another process
+                }
+            }
+        }
+        self.counters.scans += 1;
+        let found = scan(self.key);
+        if !found.application_holds {
+            return Ok(false);
+        }
+        if self.ofd_lock(BORROW_BYTE, libc::F_WRLCK)? {
+            let claimed = self
+                .page
+                .as_ref()
+                .is_none_or(|p| p.claim(seen, me, token(), flags::BORROWED));
+            if claimed {
+                self.hold = Hold::Borrowed;
+                self.counters.borrows += 1;
+                return Ok(true);
+            }
+            let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
+        }
+        Ok(false)
+    }
+
+    /// Drop the lock if held, clearing the holder record first and waking
+    /// the oldest waiter after. In a forked child the descriptor is the
+    /// parent's, so nothing is done.
     pub fn unlock(&mut self) {
         if self.check_pid().is_err() {
             return;
         }
-        if self.borrowed {
-            self.borrowed = false;
-            self.forget_holding();
+        let was = std::mem::replace(&mut self.hold, Hold::No);
+        if was == Hold::No {
             return;
         }
-        self.state = match std::mem::replace(&mut self.state, State::Transit) {
-            State::Locked(locked) => match locked.unlock() {
-                Ok(file) => {
-                    self.forget_holding();
-                    State::Unlocked(file)
-                }
-                // LOCK_UN on a valid descriptor does not fail; if it ever did,
-                // keep believing we hold it (fail closed) — close() releases it.
-                Err((locked, _)) => State::Locked(locked),
-            },
-            other => other,
-        };
-    }
-
-    fn file(&self) -> &File {
-        match &self.state {
-            State::Unlocked(f) => f,
-            State::Locked(l) => l,
-            State::Transit => unreachable!("lock file state left in transit"),
+        if let Some(p) = &self.page {
+            p.clear_holder(process::pid(), token());
+        }
+        if was == Hold::Borrowed {
+            // The application still holds its lock: nobody to wake.
+            let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
+            return;
+        }
+        // LOCK_UN on a valid descriptor does not fail; if it ever did,
+        // close() releases it.
+        let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+        if let Some(p) = &self.page {
+            p.wake_next();
         }
     }
 
@@ -484,12 +679,20 @@ impl LockFile {
             Shadow::Read => libc::F_RDLCK,
             Shadow::Write => libc::F_WRLCK,
         };
-        self.ofd_lock(SHADOW_BYTE, l_type)
+        let ok = self.ofd_lock(SHADOW_BYTE, l_type)?;
+        if ok {
+            self.shadow = to;
+        }
+        Ok(ok)
     }
 
     /// Take (`true`) or drop the OFD write lock on the pending byte.
     pub fn pending(&mut self, on: bool) -> Result<bool, LockError> {
-        self.ofd_lock(PENDING_BYTE, if on { libc::F_WRLCK } else { libc::F_UNLCK })
+        let ok = self.ofd_lock(PENDING_BYTE, if on { libc::F_WRLCK } else { libc::F_UNLCK })?;
+        if ok {
+            self.pending = on;
+        }
+        Ok(ok)
     }
 
     /// Whether another handle holds the pending byte (a writer waits for
@@ -507,35 +710,19 @@ impl LockFile {
     /// Whether another description's OFD lock on `byte` refuses a read lock.
     fn ofd_conflicts(&mut self, byte: i64) -> Result<bool, LockError> {
         self.check_pid()?;
-        let mut fl = Self::ofd_flock(byte, libc::F_RDLCK);
-        nix::fcntl::fcntl(self.file(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+        let mut fl = ofd(byte, libc::F_RDLCK);
+        nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
             .map(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
-            .map_err(|errno| LockError::Flock {
-                path: self.path.clone(),
-                errno,
-            })
-    }
-
-    fn ofd_flock(byte: i64, l_type: libc::c_int) -> libc::flock {
-        libc::flock {
-            l_type: l_type as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: byte,
-            l_len: 1,
-            l_pid: 0, // F_OFD_* requires 0
-        }
+            .map_err(|errno| self.flock_error(errno))
     }
 
     fn ofd_lock(&mut self, byte: i64, l_type: libc::c_int) -> Result<bool, LockError> {
         self.check_pid()?;
-        let fl = Self::ofd_flock(byte, l_type);
-        match nix::fcntl::fcntl(self.file(), nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
+        let fl = ofd(byte, l_type);
+        match nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)) {
             Ok(_) => Ok(true),
             Err(Errno::EAGAIN) | Err(Errno::EACCES) | Err(Errno::EINTR) => Ok(false),
-            Err(errno) => Err(LockError::Flock {
-                path: self.path.clone(),
-                errno,
-            }),
+            Err(errno) => Err(self.flock_error(errno)),
         }
     }
 
@@ -543,61 +730,32 @@ impl LockFile {
     /// `LOCK_SH|LOCK_NB`, released at once; used only on the rare hot-journal path.
     pub fn held_elsewhere(&mut self) -> Result<bool, LockError> {
         self.check_pid()?;
-        match &self.state {
-            State::Locked(_) => Ok(false),
-            State::Unlocked(_) if self.borrowed => Ok(false),
-            State::Unlocked(_) => {
-                let State::Unlocked(file) = std::mem::replace(&mut self.state, State::Transit)
-                else {
-                    unreachable!()
-                };
-                match Flock::lock(file, FlockArg::LockSharedNonblock) {
-                    Ok(shared) => {
-                        self.state = match shared.unlock() {
-                            Ok(file) => State::Unlocked(file),
-                            Err((shared, _)) => State::Locked(shared),
-                        };
-                        Ok(false)
-                    }
-                    Err((file, errno)) => {
-                        self.state = State::Unlocked(file);
-                        if errno == Errno::EWOULDBLOCK {
-                            Ok(true)
-                        } else {
-                            Err(LockError::Flock {
-                                path: self.path.clone(),
-                                errno,
-                            })
-                        }
-                    }
-                }
+        if self.hold != Hold::No {
+            return Ok(false);
+        }
+        let fd = self.file.as_raw_fd();
+        match sys::flock(fd, libc::LOCK_SH | libc::LOCK_NB) {
+            Ok(()) => {
+                let _ = sys::flock(fd, libc::LOCK_UN);
+                Ok(false)
             }
-            State::Transit => unreachable!("lock file state left in transit"),
+            Err(Errno::EWOULDBLOCK) => Ok(true),
+            Err(errno) => Err(self.flock_error(errno)),
         }
     }
 }
 
 impl Drop for LockFile {
     fn drop(&mut self) {
-        if self.check_pid().is_err() {
-            // In a forked child: Flock's Drop would LOCK_UN the description the
-            // parent still uses. Leak this descriptor instead of unlocking it.
-            if let State::Locked(locked) = std::mem::replace(&mut self.state, State::Transit) {
-                std::mem::forget(locked);
-            }
-        } else if self.is_held() {
-            self.forget_holding();
+        if self.check_pid().is_ok() {
+            self.unlock();
         }
-        // Dropping the File/Flock closes the descriptor, which releases the
-        // flock; then the number is no longer ours (see DupFd's Drop for the
-        // order). The file itself is never unlinked.
-        let fd = match &self.state {
-            State::Unlocked(f) => f.as_raw_fd(),
-            State::Locked(l) => l.as_raw_fd(),
-            State::Transit => return,
-        };
-        drop(std::mem::replace(&mut self.state, State::Transit));
-        ours().fds.remove(&fd);
+        // Closing the descriptor releases the flock and the OFD locks (in a
+        // forked child it is an inert duplicate, see `process`). The file
+        // itself is never unlinked.
+        if self.opener == Opener::Extension {
+            process::forget_fd(self.file.as_raw_fd());
+        }
     }
 }
 
@@ -616,6 +774,12 @@ mod tests {
         d
     }
 
+    fn app_lock(db: &Path) -> File {
+        let f = File::open(lock_path_for(db)).unwrap();
+        sys::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).unwrap();
+        f
+    }
+
     #[test]
     fn two_handles_exclude_each_other() {
         let db = tmp().join("a.db");
@@ -624,6 +788,7 @@ mod tests {
         assert!(a.try_lock().unwrap());
         assert!(!b.try_lock().unwrap());
         assert!(b.held_elsewhere().unwrap());
+        assert_eq!(b.counters().scans, 0, "the holder record said who holds it");
         a.unlock();
         assert!(!b.held_elsewhere().unwrap());
         assert!(b.try_lock().unwrap());
@@ -665,7 +830,7 @@ mod tests {
         // Independent of flock: the flock(1) contract is untouched.
         assert!(b.try_lock().unwrap());
         // A close() of another descriptor on the file does not drop OFD locks.
-        drop(std::fs::File::open(lock_path_for(&db)).unwrap());
+        drop(File::open(lock_path_for(&db)).unwrap());
         assert!(!b.shadow(Shadow::Read).unwrap(), "a still writes");
     }
 
@@ -674,11 +839,7 @@ mod tests {
         let db = tmp().join("b.db");
         let mut a = LockFile::open(&db).unwrap();
         let mut b = LockFile::open(&db).unwrap();
-        // The application's own descriptor holds the lock.
-        let app = std::fs::File::open(lock_path_for(&db)).unwrap();
-        let app = Flock::lock(app, FlockArg::LockExclusiveNonblock)
-            .map_err(|e| e.1)
-            .unwrap();
+        let app = app_lock(&db);
         assert!(a.try_lock().unwrap(), "borrows the process's own lock");
         assert!(a.is_borrowed());
         assert!(!b.try_lock().unwrap(), "only one handle borrows at a time");
@@ -694,40 +855,81 @@ mod tests {
     }
 
     #[test]
-    fn a_waiter_threads_grant_is_not_taken_for_the_applications_lock() {
-        // A waiter thread blocks in flock on a duplicate of handle a's
-        // descriptor; once granted, a's description holds the lock, and
-        // /proc/self/fdinfo shows it on the duplicate too. Handle b must see
-        // a holder, not the application's lock to borrow.
-        let db = tmp().join("w.db");
-        let a = LockFile::open(&db).unwrap();
-        let mut b = LockFile::open(&db).unwrap();
-        let dup = a.duplicate().unwrap();
-        dup.lock_exclusive().unwrap(); // free: granted at once
-        assert!(!b.try_lock().unwrap());
-        assert!(!b.is_borrowed());
-        drop(dup);
-        drop(a); // closes the description: the grant goes with it
-        assert!(b.try_lock().unwrap() && !b.is_borrowed());
+    fn the_application_lock_is_found_whenever_it_is_taken() {
+        let db = tmp().join("r.db");
+        let mut c = LockFile::open(&db).unwrap();
+        for _ in 0..5 {
+            assert!(c.try_lock().unwrap() && !c.is_borrowed());
+            c.unlock();
+            let app = app_lock(&db);
+            assert!(c.try_lock().unwrap() && c.is_borrowed());
+            c.unlock();
+            drop(app);
+        }
+        assert_eq!(c.counters().borrows, 5);
     }
 
     #[test]
-    fn the_application_lock_is_looked_for_at_most_every_rescan_interval() {
-        let db = tmp().join("r.db");
-        let mut b = LockFile::open(&db).unwrap();
-        // b looked a moment ago (a contended attempt against another process).
-        b.last_scan = Some(Instant::now());
-        // The application takes its own lock now: b finds it on its next
-        // look, not on every attempt.
-        let app = std::fs::File::open(lock_path_for(&db)).unwrap();
-        let app = Flock::lock(app, FlockArg::LockExclusiveNonblock)
-            .map_err(|e| e.1)
-            .unwrap();
-        assert!(!b.try_lock().unwrap(), "within BORROW_RESCAN: no look");
-        b.last_scan = b.last_scan.map(|t| t - BORROW_RESCAN);
-        assert!(b.try_lock().unwrap() && b.is_borrowed());
-        b.unlock();
+    fn the_extensions_descriptors_are_marked() {
+        let db = tmp().join("k.db");
+        let mut a = LockFile::open(&db).unwrap();
+        assert!(a.try_lock().unwrap());
+        let s = scan(a.key());
+        assert!(s.extension_holds && !s.application_holds, "{s:?}");
+        a.unlock();
+        let app = app_lock(&db);
+        let s = scan(a.key());
+        assert!(!s.extension_holds && s.application_holds, "{s:?}");
         drop(app);
+    }
+
+    #[test]
+    fn a_deleted_or_replaced_lock_file_is_left_for_the_one_at_the_path() {
+        let db = tmp().join("d.db");
+        let lp = lock_path_for(&db);
+        let mut a = LockFile::open(&db).unwrap();
+        assert!(a.shadow(Shadow::Read).unwrap());
+        std::fs::remove_file(&lp).unwrap();
+        // A newcomer locks the new file (this process's application, so
+        // the handle borrows it — on the new file, not the deleted one).
+        let other = File::options()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&lp)
+            .unwrap();
+        sys::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB).unwrap();
+        assert!(a.try_lock().unwrap() && a.is_borrowed());
+        assert_eq!(a.counters().reopens, 1);
+        let ino = std::fs::metadata(&lp).unwrap().ino();
+        assert_eq!(a.key().1, ino, "moved to the file at the path");
+        assert_eq!(a.shadow, Shadow::Read, "with its read lock");
+        a.unlock();
+        drop(other);
+        assert!(a.try_lock().unwrap() && !a.is_borrowed());
+        a.unlock();
+        // Replaced by a rename over it.
+        let tmpf = lp.with_extension("new");
+        std::fs::write(&tmpf, b"").unwrap();
+        std::fs::rename(&tmpf, &lp).unwrap();
+        assert!(a.try_lock().unwrap());
+        assert_eq!(a.key().1, std::fs::metadata(&lp).unwrap().ino());
+        assert_eq!(a.counters().reopens, 2);
+    }
+
+    #[test]
+    fn a_database_path_resolves_as_sqlite_resolves_it() {
+        let d = tmp();
+        std::fs::create_dir(d.join("real")).unwrap();
+        std::fs::write(d.join("real/app.db"), b"").unwrap();
+        std::os::unix::fs::symlink(d.join("real/app.db"), d.join("link.db")).unwrap();
+        std::os::unix::fs::symlink(d.join("real"), d.join("dirlink")).unwrap();
+        let real = std::fs::canonicalize(d.join("real/app.db")).unwrap();
+        assert_eq!(resolve_db_path(&d.join("link.db")).unwrap(), real);
+        assert_eq!(resolve_db_path(&d.join("dirlink/app.db")).unwrap(), real);
+        let new = resolve_db_path(&d.join("dirlink/new.db")).unwrap();
+        assert_eq!(new, real.with_file_name("new.db"), "not created");
+        assert!(!new.exists());
     }
 
     #[test]

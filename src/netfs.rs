@@ -31,10 +31,12 @@ pub fn refused_kind(f_type: i64) -> Option<&'static str> {
 }
 
 /// `Err` with a message naming the file, the filesystem and the way out when
-/// `db` lives on a refused filesystem. A failing `statfs` is not an error:
-/// the lock file's own open reports real problems.
+/// `db` lives on a refused filesystem, unless `allow` (the option
+/// `writelock_allow_network_fs`, from a URI parameter or [`ALLOW_ENV`], parsed
+/// like every option). A failing `statfs` is not an error: the lock file's
+/// own open reports real problems.
 pub fn check(db: &Path, allow: bool) -> Result<(), String> {
-    if allow || std::env::var_os(ALLOW_ENV).is_some_and(|v| v != "0" && !v.is_empty()) {
+    if allow {
         return Ok(());
     }
     let Ok(st) = nix::sys::statfs::statfs(db) else {

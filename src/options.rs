@@ -1,6 +1,13 @@
 //! Options: process-wide defaults from the environment (`WRITELOCK_QUEUE=0`),
 //! per connection as URI parameters at open (`?writelock_hold_warn_ms=`) and
 //! `PRAGMA writelock_…` afterwards. Pure parsing, no SQLite.
+//!
+//! One parser per option, whatever the source ([`Options::set`]); an error
+//! names the option, the value, what was expected and where it came from
+//! ([`Source`]). An unknown `writelock_…` name is an error in a URI or a
+//! PRAGMA; an unknown `WRITELOCK_…` variable is only warned about (a stray
+//! export must not stop every program, and an older copy must not refuse a
+//! newer copy's variable).
 
 use std::time::Duration;
 
@@ -94,27 +101,103 @@ impl Options {
     }
 }
 
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A URI parameter of the database named here.
+    Uri(&'a str),
+    /// `PRAGMA writelock_…`.
+    Pragma,
+    /// The environment variable of the option's name in capitals.
+    Env,
+}
+
+impl std::fmt::Display for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Uri(db) => write!(f, "a URI parameter of {db}"),
+            Source::Pragma => f.write_str("a PRAGMA"),
+            Source::Env => f.write_str("the environment"),
+        }
+    }
+}
+
+/// `WRITELOCK_…` variables that are not options: the bindings' and tests'
+/// own (where the library is). They are never warned about.
+pub const NOT_OPTIONS: [&str; 2] = ["WRITELOCK_PATH", "WRITELOCK_SO"];
+
 impl Options {
-    /// The process-wide defaults: [`Options::default`] changed by environment
-    /// variables named like the options in capitals
-    /// (`WRITELOCK_QUEUE_AHEAD_MS=50`). `WRITELOCK_ALLOW_NETWORK_FS` is read
-    /// by the filesystem check itself (see `netfs`). A bad value is an error
-    /// naming the variable.
-    pub fn from_env() -> Result<Options, String> {
-        Options::from_vars(|k| std::env::var(k).ok())
+    /// Set `name` to `value` from `source`; the error says where it came
+    /// from, and the options are unchanged.
+    pub fn set_from(&mut self, source: Source, name: &str, value: &str) -> Result<(), String> {
+        self.set(name, value).map_err(|e| match source {
+            Source::Env => format!(
+                "{e} (from the environment variable {})",
+                name.to_ascii_uppercase()
+            ),
+            other => format!("{e} (from {other})"),
+        })
     }
 
-    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Options, String> {
+    /// The process-wide defaults: [`Options::default`] changed by environment
+    /// variables named like the options in capitals
+    /// (`WRITELOCK_QUEUE_AHEAD_MS=50`, `WRITELOCK_ALLOW_NETWORK_FS=1`). A bad
+    /// value is an error naming the variable. Also returns the
+    /// `WRITELOCK_…` variables that name no option, to warn about.
+    pub fn from_env() -> Result<(Options, Vec<String>), String> {
+        Options::from_vars(
+            std::env::vars_os().filter_map(|(k, v)| {
+                Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))
+            }),
+        )
+    }
+
+    fn from_vars(
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<(Options, Vec<String>), String> {
         let mut o = Options::default();
-        for name in NAMES.iter().filter(|n| **n != "writelock_allow_network_fs") {
-            let key = name.to_ascii_uppercase();
-            if let Some(v) = var(&key) {
-                o.set(name, &v)
-                    .map_err(|e| format!("{e} (from the environment variable {key})"))?;
+        let mut unknown = Vec::new();
+        for (key, value) in vars {
+            if !key.starts_with("WRITELOCK_") || NOT_OPTIONS.contains(&key.as_str()) {
+                continue;
+            }
+            let name = key.to_ascii_lowercase();
+            if NAMES.contains(&name.as_str()) {
+                o.set_from(Source::Env, &name, &value)?;
+            } else {
+                unknown.push(key);
             }
         }
-        Ok(o)
+        unknown.sort();
+        Ok((o, unknown))
     }
+
+    /// Apply the `writelock_…` parameters among a database's URI parameters
+    /// (`(key, value)` in order); an unknown `writelock_…` key is an error.
+    /// Other keys are SQLite's or other extensions'.
+    pub fn apply_uri<'a>(
+        &mut self,
+        db: &str,
+        params: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Result<(), String> {
+        for (k, v) in params {
+            if Options::owns(k) {
+                self.set_from(Source::Uri(db), k, v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The warning for unknown `WRITELOCK_…` variables (None if there are none).
+pub fn unknown_env_warning(unknown: &[String]) -> Option<String> {
+    (!unknown.is_empty()).then(|| {
+        // Short: SQLite's log truncates a message at about 200 bytes.
+        format!(
+            "writelock: ignoring {}: not an option (options: WRITELOCK_ + a writelock_ option's name)",
+            unknown.join(", ")
+        )
+    })
 }
 
 fn unknown(name: &str) -> String {
@@ -147,21 +230,57 @@ mod tests {
         );
     }
 
+    fn vars(v: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
     #[test]
     fn environment_sets_process_defaults_and_names_a_bad_variable() {
-        let env = |k: &str| match k {
-            "WRITELOCK_QUEUE" => Some("off".to_string()),
-            "WRITELOCK_QUEUE_AHEAD_MS" => Some("40".to_string()),
-            _ => None,
-        };
-        let o = Options::from_vars(env).unwrap();
-        assert!(!o.queue);
+        let (o, unknown) = Options::from_vars(vars(&[
+            ("WRITELOCK_QUEUE", "off"),
+            ("WRITELOCK_QUEUE_AHEAD_MS", "40"),
+            ("WRITELOCK_ALLOW_NETWORK_FS", "no"),
+            ("WRITELOCK_PATH", "/x.so"),
+            ("WRITELOCK_HOLD_WARN", "5"),
+            ("PATH", "/bin"),
+        ]))
+        .unwrap();
+        assert!(!o.queue && !o.allow_network_fs);
         assert_eq!(o.queue_ahead, Duration::from_millis(40));
         assert_eq!(o.hold_warn, Options::default().hold_warn);
-        let bad = |k: &str| (k == "WRITELOCK_CHECKPOINT_WAIT_MS").then(|| "soon".to_string());
-        let e = Options::from_vars(bad).unwrap_err();
+        assert_eq!(unknown, ["WRITELOCK_HOLD_WARN"], "bindings' own are silent");
+        let w = unknown_env_warning(&unknown).unwrap();
+        assert!(w.contains("WRITELOCK_HOLD_WARN") && w.len() < 200, "{w}");
+        for (k, v) in [
+            ("WRITELOCK_CHECKPOINT_WAIT_MS", "soon"),
+            ("WRITELOCK_ALLOW_NETWORK_FS", "banana"),
+        ] {
+            let e = Options::from_vars(vars(&[(k, v)])).err().unwrap();
+            assert!(e.contains(k) && e.contains(&format!("'{v}'")), "{e}");
+        }
+        let (o, _) = Options::from_vars(vars(&[("WRITELOCK_ALLOW_NETWORK_FS", "1")])).unwrap();
+        assert!(o.allow_network_fs);
+    }
+
+    #[test]
+    fn uri_parameters_unknown_names_are_errors_others_are_not_ours() {
+        let mut o = Options::default();
+        let p = [
+            ("mode", "rwc"),
+            ("writelock_hold_warn_ms", "7"),
+            ("cache", "shared"),
+        ];
+        o.apply_uri("/d/app.db", p.iter().copied()).unwrap();
+        assert_eq!(o.hold_warn, Duration::from_millis(7));
+        let e = o
+            .apply_uri("/d/app.db", [("writelock_hold_warn", "5")].into_iter())
+            .unwrap_err();
         assert!(
-            e.contains("WRITELOCK_CHECKPOINT_WAIT_MS") && e.contains("'soon'"),
+            e.contains("unknown option writelock_hold_warn")
+                && e.contains("URI parameter of /d/app.db"),
             "{e}"
         );
     }

@@ -49,9 +49,10 @@ pub trait WriterFlock {
     /// Whether a shadow read lock would be refused now (pending marker or
     /// shadow write elsewhere), without taking anything.
     fn read_blocked(&mut self) -> Result<bool, LockError>;
-    /// Who holds the lock now, for a log message (None if unknown).
-    fn describe_holder(&self) -> Option<String> {
-        None
+    /// Before a reader takes its shadow read lock: make sure the lock file
+    /// is still the one at the path (moving to a fresh one if not).
+    fn refresh(&mut self) -> Result<(), LockError> {
+        Ok(())
     }
 }
 
@@ -77,13 +78,8 @@ impl WriterFlock for crate::lockfile::LockFile {
     fn read_blocked(&mut self) -> Result<bool, LockError> {
         crate::lockfile::LockFile::read_blocked(self)
     }
-    fn describe_holder(&self) -> Option<String> {
-        let h = crate::holder::current_holder(self.path())?;
-        let cmd = crate::holder::cmdline(h.pid).unwrap_or_else(|| "?".into());
-        Some(match h.held_for {
-            Some(d) => format!("pid {} ({cmd}) for {} ms", h.pid, d.as_millis()),
-            None => format!("pid {} ({cmd})", h.pid),
-        })
+    fn refresh(&mut self) -> Result<(), LockError> {
+        crate::lockfile::LockFile::refresh(self)
     }
 }
 
@@ -132,9 +128,23 @@ const SLOT_CKPT: u32 = 1 << 1;
 const READ_SLOTS: u32 = !0b111;
 
 // A checkpoint (auto or `PRAGMA wal_checkpoint`) queues for the flock up to
-// `Options::checkpoint_wait` before reporting busy (the shim does the wait). Without it the
+// `Options::checkpoint_wait` (the shim does the wait). Without it the
 // committer's auto-checkpoint loses to the next writer every time and the WAL
-// only grows.
+// only grows. Still refused, it gets the checkpoint lock *without* the flock
+// (see `checkpoint_without_flock`): a blocking checkpoint then waits for the
+// flock at the WAL write lock, through its busy handler as in stock SQLite,
+// and a passive one may not write the database file until it has the flock.
+
+/// Something the shim should act on after a step (bits of [`Protocol::events`]).
+pub mod event {
+    /// An attempt was refused because another holder has the lock: the shim
+    /// may log who (off this path: the look is slow).
+    pub const REFUSED: u8 = 1;
+    /// A write intent was taken: the shim arms its expiry.
+    pub const INTENT: u8 = 2;
+    /// The lock was taken: the shim arms the long-hold warning if needed.
+    pub const ACQUIRED: u8 = 4;
+}
 
 /// Per-handle lock state. Generic over the flock so tests can inject failures.
 pub struct Protocol<F> {
@@ -169,21 +179,16 @@ pub struct Protocol<F> {
     wal: bool,
     /// A refused checkpoint lock asks the shim to queue this long, then retry.
     checkpoint_wait: Option<Duration>,
-    /// `xClose` ran (the state may outlive it in a waiter thread).
-    pub closed: bool,
-    /// Busy-handler sleeps waiting for a waiter thread right now.
-    pub sleepers: u32,
-    /// When the last such sleep ended.
-    pub last_sleep_end: Option<Instant>,
-    /// A waiter thread exists for this handle (queued or idle).
-    pub waiter_running: bool,
-    /// A busy-handler sleep asks the waiter thread to queue for the flock.
-    pub queue_wanted: bool,
-    /// The waiter thread is blocked in `flock(LOCK_EX)` right now.
-    pub waiter_queued: bool,
+    /// The checkpoint lock is held without the flock (see
+    /// [`Self::checkpoint_without_flock`]).
+    ckpt_unlocked: bool,
     last_attempt: Option<Instant>,
     held_since: Option<Instant>,
+    /// The hold that was warned about already (its start).
+    warned_hold: Option<Instant>,
     last_busy_log: Option<Instant>,
+    /// [`event`] bits for the shim, drained by [`Self::take_events`].
+    events: u8,
     pub counters: Counters,
 }
 
@@ -218,15 +223,12 @@ impl<F: WriterFlock> Protocol<F> {
             intent_since: None,
             wal: false,
             checkpoint_wait: None,
-            closed: false,
-            sleepers: 0,
-            last_sleep_end: None,
-            waiter_running: false,
-            queue_wanted: false,
-            waiter_queued: false,
+            ckpt_unlocked: false,
             last_attempt: None,
             held_since: None,
+            warned_hold: None,
             last_busy_log: None,
+            events: 0,
             counters: Counters::default(),
         }
     }
@@ -244,6 +246,35 @@ impl<F: WriterFlock> Protocol<F> {
     /// The flock, for status reporting.
     pub fn flock(&self) -> &F {
         &self.flock
+    }
+
+    /// The [`event`] bits since the last call, clearing them.
+    pub fn take_events(&mut self) -> u8 {
+        std::mem::take(&mut self.events)
+    }
+
+    /// When the current hold began (None when not holding).
+    pub fn held_since(&self) -> Option<Instant> {
+        self.held_since
+    }
+
+    /// A warning for the current hold if it has lasted at least
+    /// `writelock_hold_warn_ms` and was not warned about yet (the shim's
+    /// timer asks while the hold lasts).
+    pub fn long_hold_warning(&mut self, pid: u32) -> Option<String> {
+        let since = self.held_since?;
+        let warn = self.options.hold_warn;
+        let h = since.elapsed();
+        if warn.is_zero() || h < warn || self.warned_hold == Some(since) {
+            return None;
+        }
+        self.warned_hold = Some(since);
+        Some(format!(
+            "writelock: process {pid} has held the write lock on {} for {} ms, and still holds it (warning threshold {} ms)",
+            self.label,
+            h.as_millis(),
+            warn.as_millis()
+        ))
     }
 
     fn note_error(&mut self, rc: i32, e: LockError) {
@@ -291,6 +322,7 @@ impl<F: WriterFlock> Protocol<F> {
         let now = Instant::now();
         self.held = true;
         self.held_since = Some(now);
+        self.events |= event::ACQUIRED;
         self.counters.acquisitions += 1;
         crate::stats::GLOBAL.acquired();
         if let Some(t0) = self.wait_since.take() {
@@ -300,8 +332,9 @@ impl<F: WriterFlock> Protocol<F> {
         }
     }
 
-    /// A refused attempt: start or continue a wait, and say who holds the
-    /// lock (at most once a second per handle).
+    /// A refused attempt: start or continue a wait, and ask the shim to say
+    /// who holds the lock (at most once a second per handle; the look itself
+    /// happens off the connection's path).
     fn contended(&mut self) {
         let now = Instant::now();
         if self.last_attempt.is_none_or(|t| now - t > EPISODE_GAP) {
@@ -310,15 +343,7 @@ impl<F: WriterFlock> Protocol<F> {
         self.last_attempt = Some(now);
         if self.last_busy_log.is_none_or(|t| now - t >= BUSY_LOG_EVERY) {
             self.last_busy_log = Some(now);
-            let who = self
-                .flock
-                .describe_holder()
-                .unwrap_or_else(|| "another process".into());
-            let msg = format!(
-                "writelock: {} is locked by {who}; returning SQLITE_BUSY",
-                self.label
-            );
-            self.unlogged.get_or_insert((ffi::SQLITE_BUSY, msg));
+            self.events |= event::REFUSED;
         }
     }
 
@@ -330,7 +355,8 @@ impl<F: WriterFlock> Protocol<F> {
             self.counters.hold_total += h;
             self.counters.hold_max = self.counters.hold_max.max(h);
             let warn = self.options.hold_warn;
-            if !warn.is_zero() && h >= warn {
+            // Warned while held already (the shim's timer): not again.
+            if !warn.is_zero() && h >= warn && self.warned_hold != Some(t0) {
                 let msg = format!(
                     "writelock: process {} held the write lock on {} for {} ms (warning threshold {} ms)",
                     std::process::id(),
@@ -385,6 +411,10 @@ impl<F: WriterFlock> Protocol<F> {
         self.expire_intent();
         let took_read = self.shadow == Shadow::Unlocked;
         if took_read {
+            if let Err(e) = self.flock.refresh() {
+                self.note_error(ffi::SQLITE_IOERR_LOCK, e);
+                return ffi::SQLITE_IOERR_LOCK;
+            }
             // Like SQLite's PENDING: a writer waiting for EXCLUSIVE stops new readers.
             match self.flock.pending_elsewhere() {
                 Ok(false) => {}
@@ -534,8 +564,10 @@ impl<F: WriterFlock> Protocol<F> {
         self.pending
     }
 
-    /// Release a write intent that was never used (called on every entry).
-    fn expire_intent(&mut self) {
+    /// Release a write intent that was never used: called on every entry,
+    /// and by the shim's timer, so even a connection nothing runs on again
+    /// lets go within [`INTENT_TTL`].
+    pub fn expire_intent(&mut self) {
         if self.intent_since.is_some_and(|t| t.elapsed() > INTENT_TTL) {
             self.intent_since = None;
             self.leave(why::INTENT);
@@ -558,9 +590,14 @@ impl<F: WriterFlock> Protocol<F> {
     /// beyond the SHARED that WAL connections keep for life. (A deferred
     /// read transaction upgrading to write still holds its read lock, so it
     /// never waits here: SQLite returns BUSY at once, as stock does.)
+    ///
+    /// A checkpoint that holds the checkpoint lock without the flock may wait
+    /// too, as stock SQLite's blocking checkpoints wait for the WAL write lock
+    /// holding it: no writer needs the checkpoint lock to finish (its
+    /// auto-checkpoint tries it once and moves on).
     pub fn may_wait(&self) -> bool {
         !self.held
-            && self.shm_excl == 0
+            && self.shm_excl & !SLOT_CKPT == 0
             && self.shm_shared == 0
             && (self.level == ffi::SQLITE_LOCK_NONE
                 || (self.wal && self.level == ffi::SQLITE_LOCK_SHARED))
@@ -579,6 +616,7 @@ impl<F: WriterFlock> Protocol<F> {
                 self.acquired();
                 self.why = why::INTENT;
                 self.intent_since = Some(Instant::now());
+                self.events |= event::INTENT;
                 Ok(true)
             }
             Ok(false) => Ok(false),
@@ -599,15 +637,6 @@ impl<F: WriterFlock> Protocol<F> {
         if self.has_pure_intent() {
             self.intent_since = None;
             self.leave(why::INTENT);
-        }
-    }
-
-    /// Release a lock the handle's open file description got without the
-    /// handle knowing (a waiter thread's blocking `flock` that nobody wants
-    /// any more): take it as ours (it is already granted) and let go.
-    pub fn release_unowned(&mut self) {
-        if !self.held && matches!(self.flock.try_acquire(), Ok(true)) {
-            self.flock.release();
         }
     }
 
@@ -680,6 +709,12 @@ impl<F: WriterFlock> Protocol<F> {
                 let rc = inner();
                 if rc == ffi::SQLITE_OK {
                     self.shm_excl |= mask;
+                    if self.ckpt_unlocked && self.held {
+                        // A blocking checkpoint got the flock at the WAL
+                        // write lock: keep it until the checkpoint ends.
+                        self.why |= why::WAL_CKPT;
+                        self.ckpt_unlocked = false;
+                    }
                 } else if newly {
                     self.leave(reason);
                 }
@@ -711,6 +746,61 @@ impl<F: WriterFlock> Protocol<F> {
         }
         if self.shm_excl & SLOT_CKPT == 0 {
             self.leave(why::WAL_CKPT);
+            self.ckpt_unlocked = false;
+        }
+    }
+
+    /// After a refused checkpoint lock waited its `checkpoint_wait` in vain:
+    /// take the checkpoint lock without the flock (`inner` is the inner
+    /// `xShmLock`). What the checkpoint may do then:
+    /// * a blocking one (FULL, RESTART, TRUNCATE) asks for the WAL write lock
+    ///   next, which needs the flock: refused, SQLite's busy handler waits
+    ///   for it (within `busy_timeout`, as stock SQLite waits for the WAL write
+    ///   lock), and once taken the flock stays until the checkpoint ends;
+    /// * a passive one goes on to copy pages: [`Self::checkpoint_write`]
+    ///   makes its first write of the database file take the flock or fail
+    ///   with `SQLITE_BUSY`, which SQLite takes as "not everything copied".
+    ///
+    /// Either way the database file is never written without the flock.
+    pub fn checkpoint_without_flock(
+        &mut self,
+        ofst: i32,
+        n: i32,
+        inner: impl FnOnce() -> i32,
+    ) -> i32 {
+        let rc = inner();
+        if rc == ffi::SQLITE_OK {
+            self.shm_excl |= range_mask(ofst, n);
+            self.ckpt_unlocked = true;
+        }
+        rc
+    }
+
+    /// Whether the handle holds the checkpoint lock without the flock (the
+    /// shim then routes writes of the database file through
+    /// [`Self::checkpoint_write`]).
+    pub fn checkpoint_unlocked(&self) -> bool {
+        self.ckpt_unlocked
+    }
+
+    /// Before a checkpoint that holds the checkpoint lock without the flock
+    /// writes, truncates or syncs the database file: take the flock now
+    /// (`SQLITE_OK`, kept until the checkpoint ends) or refuse the write
+    /// (`SQLITE_BUSY`: SQLite stops copying and reports the checkpoint as
+    /// incomplete, as when readers are in the way).
+    pub fn checkpoint_write(&mut self) -> i32 {
+        if !self.ckpt_unlocked || self.held {
+            return ffi::SQLITE_OK;
+        }
+        match self.enter(why::WAL_CKPT) {
+            Ok(()) => {
+                self.ckpt_unlocked = false;
+                ffi::SQLITE_OK
+            }
+            Err(rc) => {
+                self.intent_wanted = false; // no busy handler follows a write
+                rc
+            }
         }
     }
 
@@ -724,7 +814,6 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// `xClose`: whatever happened, no lock outlives the handle.
     pub fn close(&mut self) {
-        self.closed = true;
         self.drop_pending();
         self.intent_since = None;
         if self.shadow != Shadow::Unlocked {
@@ -737,6 +826,7 @@ impl<F: WriterFlock> Protocol<F> {
         self.level = ffi::SQLITE_LOCK_NONE;
         self.shm_excl = 0;
         self.shm_shared = 0;
+        self.ckpt_unlocked = false;
     }
 }
 
@@ -1100,10 +1190,12 @@ mod tests {
         h.lock(SHARED, || SQLITE_OK);
         h.flock.contended = true;
         assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_BUSY);
-        assert!(h
-            .unlogged
-            .take()
-            .is_some_and(|(_, m)| m.contains("returning SQLITE_BUSY")));
+        assert_eq!(
+            h.take_events() & event::REFUSED,
+            event::REFUSED,
+            "who holds it: logged off this path"
+        );
+        assert!(h.unlogged.is_none(), "nothing built on the refusal path");
         std::thread::sleep(Duration::from_millis(5));
         h.flock.contended = false;
         h.lock(RES, || SQLITE_OK);

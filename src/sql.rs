@@ -140,6 +140,10 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                 o.insert("wait_max_ms".into(), json!(ms(c.wait_max)));
                 o.insert("hold_total_ms".into(), json!(ms(c.hold_total)));
                 o.insert("hold_max_ms".into(), json!(ms(c.hold_max)));
+                let l = r.lock_counters;
+                o.insert("scans".into(), json!(l.scans));
+                o.insert("borrows".into(), json!(l.borrows));
+                o.insert("reopens".into(), json!(l.reopens));
                 let holder = r
                     .lock_path
                     .as_deref()
@@ -158,6 +162,7 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                         "checkpoint_wait_ms": r.options.checkpoint_wait.as_millis() as u64,
                         "queue": r.options.queue,
                         "queue_ahead_ms": r.options.queue_ahead.as_millis() as u64,
+                        "allow_network_fs": r.options.allow_network_fs,
                     }),
                 );
             }

@@ -6,21 +6,24 @@
 //! files are opened straight into the inner VFS, so they *are* inner files.
 //!
 //! Every `extern "C"` function catches panics and maps them to an SQLite error
-//! code; all lock decisions live in [`crate::protocol`].
+//! code; all lock decisions live in [`crate::protocol`], all waiting in
+//! [`crate::wait`].
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use libsqlite3_sys as ffi;
 
-use crate::lockfile::{lock_path_for, DupFd, LockFile};
-use crate::options::{Options, NAMES};
-use crate::protocol::{Counters, Protocol, INTENT_TTL};
+use crate::lockfile::{kind_of, lock_path_for, LockCounters, LockFile};
+use crate::options::{Options, Source};
+use crate::protocol::{event, Counters, Protocol};
+use crate::wait::{Handle, Run, State};
 
 /// `SQLITE_FCNTL_LOCK_TIMEOUT` (sqlite3.h, 3.25+; newer than our bindings).
 const SQLITE_FCNTL_LOCK_TIMEOUT: c_int = 34;
@@ -35,8 +38,8 @@ pub(crate) struct FileState {
     /// `<db>-journal`, whose first byte tells a hot journal.
     pub journal_path: PathBuf,
     /// Whether the fail-closed error was already logged (log once per handle).
-    pub logged: std::sync::atomic::AtomicBool,
-    /// The protocol, or why the lock file could not be used (fail closed).
+    pub logged: AtomicBool,
+    /// The lock state, or why the lock file could not be used (fail closed).
     pub lock: Result<Option<Shared>, String>,
 }
 
@@ -50,6 +53,7 @@ pub(crate) struct HandleReport {
     pub options: Options,
     pub error: Option<String>,
     pub counters: Counters,
+    pub lock_counters: LockCounters,
 }
 
 /// Our `sqlite3_file`: the base struct SQLite sees, then a pointer to our
@@ -67,26 +71,14 @@ fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(on_panic)
 }
 
-/// A handle's protocol, shared with the thread-local write intent.
+/// A handle's lock state, shared with the thread-local refusal record and
+/// the process timer.
 pub(crate) type Shared = Arc<Handle>;
 type WeakShared = Weak<Handle>;
 
-/// A main-db handle's lock state, the condition variable its busy-handler
-/// sleep waits on while a waiter thread queues for the flock, and the one
-/// that sends the waiter thread into the queue.
-pub(crate) struct Handle {
-    p: Mutex<Protocol<LockFile>>,
-    granted: Condvar,
-    work: Condvar,
-}
-
-/// An idle waiter thread stays this long for the handle's next wait before
-/// it exits (so a contended handle does not start a thread per transaction).
-const WAITER_LINGER: Duration = Duration::from_secs(1);
-
 thread_local! {
-    /// The handle whose last escalation on this thread was refused for the
-    /// flock, and when: the busy handler's sleep that follows may wait for it.
+    /// The handle whose last escalation on this thread was refused, when,
+    /// and what for: the busy handler's sleep that follows may wait for it.
     static WANTS_LOCK: RefCell<Option<(WeakShared, Instant, Want)>> = const { RefCell::new(None) };
 }
 
@@ -104,21 +96,19 @@ enum Want {
 /// A refusal older than this is not the one the current sleep is for.
 const INTENT_FRESH: Duration = Duration::from_millis(50);
 
-fn lock_proto(h: &Handle) -> MutexGuard<'_, Protocol<LockFile>> {
-    // A panic inside a lock call leaves the protocol state as it was between
-    // two field updates at worst; keep serving (and failing closed) rather than abort.
-    h.p.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Run one protocol step; write any error it hit to SQLite's log, and
-/// remember a refusal for the flock so the busy handler's sleep can wait.
+/// Run one protocol step; act on what it asks for (log an error, say who
+/// holds the lock off this path, arm the intent expiry and the long-hold
+/// watch), and remember a refusal so the busy handler's sleep can wait.
 fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int {
-    let mut p = lock_proto(m);
-    let rc = op(&mut p);
+    if let Some(parent) = m.inherited_from() {
+        return refuse_inherited(m, parent);
+    }
+    let mut st = m.lock();
+    let rc = op(&mut st.p);
     let want = match (
-        p.take_intent_request(),
-        p.take_exclusive_request(),
-        p.take_shared_request(),
+        st.p.take_intent_request(),
+        st.p.take_exclusive_request(),
+        st.p.take_shared_request(),
     ) {
         (true, _, _) => Some(Want::Flock),
         (_, true, _) => Some(Want::Readers),
@@ -129,11 +119,57 @@ fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int 
         let w = Arc::downgrade(m);
         WANTS_LOCK.with(|c| *c.borrow_mut() = Some((w, Instant::now(), want)));
     }
-    if let Some((code, msg)) = p.unlogged.take() {
-        drop(p);
+    let events = st.p.take_events();
+    if events & event::INTENT != 0 {
+        crate::wait::arm_intent_expiry(m);
+    }
+    if events & event::ACQUIRED != 0 {
+        crate::wait::arm_hold_watch(m, &mut st, crate::log_error);
+    }
+    st.settle(m);
+    let unlogged = st.p.unlogged.take();
+    let refused = (events & event::REFUSED != 0)
+        .then(|| (st.p.label.clone(), st.p.flock().path().to_path_buf()));
+    drop(st);
+    if let Some((code, msg)) = unlogged {
         crate::log_error(code, &msg);
     }
+    if let Some((label, lock_path)) = refused {
+        // Who holds it takes a read of /proc/locks: never on the
+        // connection's path (a busy_timeout 0 refusal costs what stock's does).
+        crate::timer::at(Instant::now(), move || {
+            let who = crate::holder::current_holder(&lock_path)
+                .map(|h| {
+                    let cmd = crate::holder::cmdline(h.pid).unwrap_or_else(|| "?".into());
+                    match h.held_for {
+                        Some(d) => format!("pid {} ({cmd}) for {} ms", h.pid, d.as_millis()),
+                        None => format!("pid {} ({cmd})", h.pid),
+                    }
+                })
+                .unwrap_or_else(|| "another process".into());
+            crate::log_error(
+                ffi::SQLITE_BUSY,
+                &format!("writelock: {label} is locked by {who}; returning SQLITE_BUSY"),
+            );
+        });
+    }
     rc
+}
+
+/// A connection inherited through `fork()` and used in the child: refused,
+/// without touching its state (which belongs to the parent).
+fn refuse_inherited(m: &Shared, parent: u32) -> c_int {
+    if !m.child_warned.swap(true, Ordering::Relaxed) {
+        crate::log_error(
+            ffi::SQLITE_IOERR_LOCK,
+            &format!(
+                "writelock: connection opened in process {parent} used in process {} after \
+                 fork(); its lock belongs to the parent — open a new connection in the child",
+                crate::process::pid()
+            ),
+        );
+    }
+    ffi::SQLITE_IOERR_LOCK
 }
 
 /// The inner file of one of our files.
@@ -186,14 +222,25 @@ unsafe fn with_proto(
         Ok(None) => pass(),
         Ok(Some(m)) => step(m, op),
         Err(msg) => {
-            if !state(f)
-                .logged
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
+            if !state(f).logged.swap(true, Ordering::Relaxed) {
                 crate::log_error(ffi::SQLITE_CANTOPEN, msg);
             }
             ffi::SQLITE_CANTOPEN
         }
+    }
+}
+
+/// Before a write, truncate or sync of the database file: a checkpoint that
+/// holds the checkpoint lock without the flock must take it first, or the
+/// write is refused with `SQLITE_BUSY` (see
+/// [`Protocol::checkpoint_without_flock`]). One relaxed load otherwise.
+///
+/// # Safety
+/// As [`state`].
+unsafe fn checkpoint_may_write(f: *mut ffi::sqlite3_file) -> c_int {
+    match &state(f).lock {
+        Ok(Some(m)) if m.ckpt_unlocked.load(Ordering::Relaxed) => step(m, |p| p.checkpoint_write()),
+        _ => ffi::SQLITE_OK,
     }
 }
 
@@ -204,7 +251,7 @@ fn pragma(st: &FileState, name: &str, value: Option<&str>) -> Result<String, Str
         // Validate all the same, so a typo is reported as such.
         let mut o = Options::default();
         if let Some(v) = value {
-            o.set(name, v)?;
+            o.set_from(Source::Pragma, name, v)?;
             return Err(format!(
                 "writelock: {name} has no effect: this connection takes no write lock on this \
                  database (read-only, immutable, temporary, or a lock-file error)"
@@ -212,16 +259,16 @@ fn pragma(st: &FileState, name: &str, value: Option<&str>) -> Result<String, Str
         }
         return o.get(name);
     };
-    let mut p = lock_proto(m);
+    let mut s = m.lock();
     if let Some(v) = value {
         if name.eq_ignore_ascii_case("writelock_allow_network_fs") {
             return Err(format!(
                 "writelock: {name} applies at open only: give it as a URI parameter"
             ));
         }
-        p.options.set(name, v)?;
+        s.p.options.set_from(Source::Pragma, name, v)?;
     }
-    p.options.get(name)
+    s.p.options.get(name)
 }
 
 /// Whether a rollback journal exists with a non-zero first byte — what SQLite
@@ -246,12 +293,14 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
             let st = Box::from_raw((*sf).state);
             (*sf).state = ptr::null_mut();
             if let Ok(Some(m)) = &st.lock {
-                lock_proto(m).close();
-                m.work.notify_all(); // an idle waiter thread exits now
-                m.granted.notify_all();
+                if m.inherited_from().is_none() {
+                    let mut s = m.lock();
+                    s.p.close();
+                    s.free_slot();
+                }
             }
-            // Closes <db>.lock's descriptor (after the inner unlock), unless a
-            // waiter thread still holds the state; it sees `closed` and lets go.
+            // Closes <db>.lock's descriptor (after the inner unlock) once the
+            // last reference goes (a sleep or the timer may hold one briefly).
             drop(st);
             rc
         }
@@ -276,23 +325,32 @@ unsafe extern "C" fn x_write(
     n: c_int,
     off: i64,
 ) -> c_int {
-    // SAFETY: delegation with SQLite's own arguments to the inner file.
+    // SAFETY: our file; delegation with SQLite's own arguments.
     guard(ffi::SQLITE_IOERR_WRITE, || unsafe {
-        inner_call!(f, xWrite, buf, n, off)
+        match checkpoint_may_write(f) {
+            ffi::SQLITE_OK => inner_call!(f, xWrite, buf, n, off),
+            rc => rc,
+        }
     })
 }
 
 unsafe extern "C" fn x_truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    // SAFETY: delegation.
+    // SAFETY: our file; delegation.
     guard(ffi::SQLITE_IOERR_TRUNCATE, || unsafe {
-        inner_call!(f, xTruncate, size)
+        match checkpoint_may_write(f) {
+            ffi::SQLITE_OK => inner_call!(f, xTruncate, size),
+            rc => rc,
+        }
     })
 }
 
 unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    // SAFETY: delegation.
+    // SAFETY: our file; delegation.
     guard(ffi::SQLITE_IOERR_FSYNC, || unsafe {
-        inner_call!(f, xSync, flags)
+        match checkpoint_may_write(f) {
+            ffi::SQLITE_OK => inner_call!(f, xSync, flags),
+            rc => rc,
+        }
     })
 }
 
@@ -322,6 +380,13 @@ unsafe extern "C" fn x_unlock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int 
         // file is unusable never got past xLock, so there is nothing to release.
         unsafe {
             match &state(f).lock {
+                // Inherited through fork(): unlock all the way. A downgrade
+                // to SHARED would *take* a POSIX read lock for this child,
+                // which holds none of its parent's, and keep writers out for
+                // as long as the child lives.
+                Ok(Some(m)) if m.inherited_from().is_some() => {
+                    inner_call!(f, xUnlock, ffi::SQLITE_LOCK_NONE)
+                }
                 Ok(Some(m)) => step(m, |p| p.unlock(level, || inner_call!(f, xUnlock, level))),
                 _ => inner_call!(f, xUnlock, level),
             }
@@ -365,6 +430,12 @@ unsafe extern "C" fn x_file_control(
         // handles, so SQLite keeps the ordinary order.
         if op == SQLITE_FCNTL_LOCK_TIMEOUT && protected {
             return ffi::SQLITE_NOTFOUND;
+        }
+        // A checkpoint about to grow the file (with mmap on, the unix VFS
+        // extends it here): only with the flock. It is a hint: dropping it
+        // is harmless.
+        if op == ffi::SQLITE_FCNTL_SIZE_HINT && checkpoint_may_write(f) != ffi::SQLITE_OK {
+            return ffi::SQLITE_OK;
         }
         if op == ffi::SQLITE_FCNTL_PRAGMA {
             let a = arg as *mut *mut c_char;
@@ -416,7 +487,9 @@ unsafe extern "C" fn x_shm_map(
         let rc = inner_call!(f, xShmMap, pg, pgsz, extend, pp);
         if rc == ffi::SQLITE_OK {
             if let Ok(Some(m)) = &state(f).lock {
-                lock_proto(m).shm_mapped();
+                if m.inherited_from().is_none() {
+                    m.lock().p.shm_mapped();
+                }
             }
         }
         rc
@@ -439,17 +512,21 @@ unsafe extern "C" fn x_shm_lock(
             if rc != ffi::SQLITE_BUSY {
                 return rc;
             }
-            // A refused checkpoint queues for the flock (bounded), then retries.
+            // A refused checkpoint queues for the flock (bounded), then
+            // retries; still refused, it goes on without the flock.
             let Ok(Some(h)) = &state(f).lock else {
                 return rc;
             };
-            let Some(patience) = lock_proto(h).take_checkpoint_wait() else {
+            let Some(patience) = h.lock().p.take_checkpoint_wait() else {
                 return rc;
             };
-            if patience.is_zero() || wait_for_lock(h, patience, false) != Some(true) {
-                return rc;
+            let deadline = Instant::now() + patience;
+            if !patience.is_zero() && crate::wait::for_flock(h, deadline) == Some(true) {
+                return step(h, op);
             }
-            step(h, op)
+            step(h, |p| {
+                p.checkpoint_without_flock(ofst, n, || inner_call!(f, xShmLock, ofst, n, flags))
+            })
         }
     })
 }
@@ -469,7 +546,9 @@ unsafe extern "C" fn x_shm_unmap(f: *mut ffi::sqlite3_file, delete: c_int) -> c_
         unsafe {
             let rc = inner_call!(f, xShmUnmap, delete);
             if let Ok(Some(m)) = &state(f).lock {
-                lock_proto(m).shm_unmap();
+                if m.inherited_from().is_none() {
+                    m.lock().p.shm_unmap();
+                }
             }
             rc
         }
@@ -547,35 +626,33 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
         return None;
     }
     let st = state(f);
-    let (holding, borrowed, error, counters, options) = match &st.lock {
-        Ok(Some(m)) => {
-            let p = lock_proto(m);
-            let borrowed = p.flock().is_borrowed();
-            (
-                p.holds(),
-                borrowed,
-                p.last_error.clone(),
-                p.counters,
-                p.options,
-            )
-        }
-        Ok(None) => (false, false, None, Counters::default(), Options::default()),
-        Err(e) => (
-            false,
-            false,
-            Some(e.clone()),
-            Counters::default(),
-            Options::default(),
-        ),
-    };
-    Some(HandleReport {
+    let mut r = HandleReport {
         lock_path: st.lock_path.clone(),
-        holding,
-        borrowed,
-        options,
-        error,
-        counters,
-    })
+        holding: false,
+        borrowed: false,
+        options: Options::default(),
+        error: None,
+        counters: Counters::default(),
+        lock_counters: LockCounters::default(),
+    };
+    match &st.lock {
+        Ok(Some(m)) if m.inherited_from().is_some() => {
+            r.error =
+                Some("writelock: connection inherited through fork(): not usable here".into());
+        }
+        Ok(Some(m)) => {
+            let s = m.lock();
+            r.holding = s.p.holds();
+            r.borrowed = s.p.flock().is_borrowed();
+            r.error = s.p.last_error.clone();
+            r.counters = s.p.counters;
+            r.lock_counters = s.p.flock().counters();
+            r.options = s.p.options;
+        }
+        Ok(None) => {}
+        Err(e) => r.error = Some(e.clone()),
+    }
+    Some(r)
 }
 
 // ---- vfs methods ------------------------------------------------------------
@@ -590,19 +667,48 @@ unsafe fn ivfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
     (*vfs).pAppData as *mut ffi::sqlite3_vfs
 }
 
-/// Options from the URI parameters of a main-db filename.
+/// The URI parameters that follow a main-db filename as SQLite passes it to
+/// xOpen: `key\0value\0` pairs after the name's NUL, ended by an empty key
+/// (the layout `sqlite3_uri_parameter` walks; a name without parameters
+/// ends with an empty key right away).
 ///
 /// # Safety
 /// `name` is a non-NULL main-db filename as SQLite passes it to xOpen.
-unsafe fn uri_options(name: *const c_char) -> Result<Options, String> {
-    let mut o = Options::from_env()?;
-    for key in NAMES {
-        let k = std::ffi::CString::new(key).expect("no NUL in option names");
-        let v = ffi::sqlite3_uri_parameter(name, k.as_ptr());
-        if !v.is_null() {
-            o.set(key, &CStr::from_ptr(v).to_string_lossy())?;
+unsafe fn uri_params(name: *const c_char) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut p = name.add(CStr::from_ptr(name).to_bytes().len() + 1);
+    while *p != 0 {
+        let k = CStr::from_ptr(p);
+        p = p.add(k.to_bytes().len() + 1);
+        let v = CStr::from_ptr(p);
+        p = p.add(v.to_bytes().len() + 1);
+        out.push((
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        ));
+    }
+    out
+}
+
+/// Unknown `WRITELOCK_…` variables are warned about once per process.
+static ENV_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// The options of a main db: environment defaults, then its URI parameters.
+///
+/// # Safety
+/// As [`uri_params`].
+unsafe fn open_options(name: *const c_char, db: &Path) -> Result<Options, String> {
+    let (mut o, unknown) = Options::from_env()?;
+    if let Some(w) = crate::options::unknown_env_warning(&unknown) {
+        if !ENV_WARNED.swap(true, Ordering::Relaxed) {
+            crate::log_error(ffi::SQLITE_WARNING, &w);
         }
     }
+    let params = uri_params(name);
+    o.apply_uri(
+        &db.to_string_lossy(),
+        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )?;
     Ok(o)
 }
 
@@ -614,6 +720,32 @@ fn needs_lock_file(name: *const c_char, out_flags: c_int) -> bool {
     // which carries its URI parameters after it, as sqlite3_uri_boolean expects.
     let immutable = unsafe { ffi::sqlite3_uri_boolean(name, c"immutable".as_ptr(), 0) };
     immutable == 0
+}
+
+/// The lock state for a main db that needs one, or why it cannot have one:
+/// the database must be a regular file (a device or FIFO gets no lock file
+/// beside it), the filesystem local, the options valid, the lock file usable.
+///
+/// # Safety
+/// As [`uri_params`].
+unsafe fn lock_state(name: *const c_char, db: &Path) -> Result<Shared, String> {
+    if let Ok(m) = std::fs::metadata(db) {
+        if !m.file_type().is_file() {
+            return Err(format!(
+                "writelock: {} is a {}, not a regular file: refusing to open it as a database \
+                 (nothing was created beside it)",
+                db.display(),
+                kind_of(m.file_type())
+            ));
+        }
+    }
+    let options = open_options(name, db)?;
+    crate::netfs::check(db, options.allow_network_fs)?;
+    let lf = LockFile::open(db).map_err(|e| e.to_string())?;
+    let mut p = Protocol::new(lf);
+    p.options = options;
+    p.label = db.to_string_lossy().into_owned();
+    Ok(Handle::new(p))
 }
 
 unsafe extern "C" fn v_open(
@@ -640,6 +772,11 @@ unsafe extern "C" fn v_open(
             (*sf).state = ptr::null_mut();
             let fi = inner(f);
             (*fi).pMethods = ptr::null();
+            let db = if name.is_null() {
+                PathBuf::new()
+            } else {
+                PathBuf::from(OsStr::from_bytes(CStr::from_ptr(name).to_bytes()))
+            };
             let mut oflags = 0;
             let rc = open(iv, name, fi, flags, &mut oflags);
             if !out_flags.is_null() {
@@ -651,39 +788,15 @@ unsafe extern "C" fn v_open(
                 }
                 return rc;
             }
-            let db_path = if name.is_null() {
-                PathBuf::new()
+            let needed = needs_lock_file(name, oflags);
+            let lock = if needed {
+                // Fail closed: the handle opens (so the connection can report
+                // the message) but refuses every lock.
+                lock_state(name, &db).map(Some).inspect_err(|e| {
+                    crate::log_error(ffi::SQLITE_CANTOPEN, e);
+                })
             } else {
-                PathBuf::from(OsStr::from_bytes(CStr::from_ptr(name).to_bytes()))
-            };
-            let (lock_path, lock) = if needs_lock_file(name, oflags) {
-                let lp = lock_path_for(&db_path);
-                let lock = match uri_options(name).and_then(|o| {
-                    crate::netfs::check(&db_path, o.allow_network_fs)?;
-                    LockFile::open(&db_path)
-                        .map(|lf| (o, lf))
-                        .map_err(|e| e.to_string())
-                }) {
-                    Ok((options, lf)) => {
-                        let mut p = Protocol::new(lf);
-                        p.options = options;
-                        p.label = db_path.to_string_lossy().into_owned();
-                        Ok(Some(Arc::new(Handle {
-                            p: Mutex::new(p),
-                            granted: Condvar::new(),
-                            work: Condvar::new(),
-                        })))
-                    }
-                    Err(e) => {
-                        // Fail closed: the handle opens (so the connection can
-                        // report this message) but refuses every lock.
-                        crate::log_error(ffi::SQLITE_CANTOPEN, &e);
-                        Err(e)
-                    }
-                };
-                (Some(lp), lock)
-            } else {
-                (None, Ok(None))
+                Ok(None)
             };
             // Expose exactly what the inner file has: no xShm* without xShmMap.
             let m = im(f);
@@ -692,12 +805,12 @@ unsafe extern "C" fn v_open(
             } else {
                 m.iVersion.clamp(1, 3)
             };
-            let mut journal = db_path.clone().into_os_string();
+            let mut journal = db.clone().into_os_string();
             journal.push("-journal");
             (*sf).state = Box::into_raw(Box::new(FileState {
-                lock_path,
+                lock_path: needed.then(|| lock_path_for(&db)),
                 journal_path: PathBuf::from(journal),
-                logged: std::sync::atomic::AtomicBool::new(false),
+                logged: AtomicBool::new(false),
                 lock,
             }));
             (*sf).base.pMethods = &METHODS[(version - 1) as usize];
@@ -801,242 +914,40 @@ unsafe extern "C" fn v_randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mu
     })
 }
 
-/// The write-intent wait (issue 7). SQLite's busy handler sleeps through the
-/// connection's VFS *after* the connection released its locks. If the
-/// refusal it is sleeping for was ours, the sleep instead waits — blocked,
-/// not polling — for a waiter thread that queues in `flock(LOCK_EX)` on a
-/// duplicate of the handle's descriptor; the lock it gets belongs to the
-/// handle's open file description, and is kept as a write intent for the
-/// retry, which then succeeds at once. Only while the handle holds nothing a
-/// writer needs. How long: see [`Run`].
+/// The busy handler's sleep: when the refusal it sleeps for was ours, wait
+/// for what was refused instead (see [`crate::wait`]). `None`: not ours, or
+/// waiting is not possible now — sleep as asked.
 fn sleep_for_lock(us: c_int) -> Option<c_int> {
     let (w, at, want) = WANTS_LOCK.with(|c| c.borrow_mut().take())?;
     if at.elapsed() > INTENT_FRESH {
         return None;
     }
     let h = w.upgrade()?;
-    let (queue, ahead) = {
-        let p = lock_proto(&h);
-        (p.options.queue, p.options.queue_ahead)
-    };
-    if !queue {
+    if h.inherited_from().is_some() {
         return None;
     }
     let start = Instant::now();
-    let deadline = Run::deadline(start, Duration::from_micros(us.max(0) as u64), ahead);
-    let granted = match want {
-        Want::Flock => wait_for_lock(&h, deadline - start, true),
-        Want::Readers => Some(wait_for_readers(&h, deadline)),
-        Want::Writer => Some(wait_for_writer(&h, deadline)),
+    let asked = Duration::from_micros(us.max(0) as u64);
+    let deadline = {
+        let mut st: std::sync::MutexGuard<'_, State> = h.lock();
+        if !st.p.options.queue {
+            return None;
+        }
+        let ahead = st.p.options.queue_ahead;
+        Run::deadline(&mut st.w.run, start, asked, ahead)
     };
-    Run::ended(granted == Some(true), Instant::now());
+    let granted = match want {
+        Want::Flock => crate::wait::for_flock(&h, deadline),
+        Want::Readers => Some(crate::wait::for_readers(&h, deadline)),
+        Want::Writer => Some(crate::wait::for_writer(&h, deadline)),
+    };
+    Run::ended(&mut h.lock().w.run, granted == Some(true), Instant::now());
     granted?;
     Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
 }
 
-/// One busy handler's run of sleeps for a refused lock. SQLite counts the
-/// *requested* sleeps against `busy_timeout`, so a wait longer than asked
-/// stretches it; but its first steps are short (1, 2, 5, 10 ms …), and
-/// ending each on time means a retry that fails again while the queue moves.
-/// So a sleep waits at least what was asked and at most until the run's
-/// start plus everything requested so far plus `writelock_queue_ahead_ms`
-/// (25 ms): the whole run never exceeds the busy timeout by more than that,
-/// and most queued writers are served inside the first sleep.
-#[derive(Clone, Copy)]
-struct Run {
-    start: Instant,
-    requested: Duration,
-    last_end: Instant,
-}
-
-/// Sleeps closer together than this belong to one run (the retry between
-/// two sleeps of one busy handler takes microseconds).
-const RUN_JOIN: Duration = Duration::from_millis(5);
-
-thread_local! {
-    static RUN: std::cell::Cell<Option<Run>> = const { std::cell::Cell::new(None) };
-}
-
-impl Run {
-    /// The deadline of a sleep of `asked` starting `now`, counted into this
-    /// thread's current run (or a new one).
-    fn deadline(now: Instant, asked: Duration, ahead: Duration) -> Instant {
-        let mut run = match RUN.get() {
-            Some(r) if now.saturating_duration_since(r.last_end) < RUN_JOIN => r,
-            _ => Run {
-                start: now,
-                requested: Duration::ZERO,
-                last_end: now,
-            },
-        };
-        run.requested += asked;
-        RUN.set(Some(run));
-        (run.start + run.requested + ahead).max(now + asked)
-    }
-
-    /// A sleep ended at `now`; a granted lock ends the run.
-    fn ended(granted: bool, now: Instant) {
-        let run = RUN.get().filter(|_| !granted).map(|mut r| {
-            r.last_end = now;
-            r
-        });
-        RUN.set(run);
-    }
-}
-
-/// Check `done` every `every` until it holds (`true`) or `deadline` passes
-/// (`false`).
-fn poll_until(deadline: Instant, every: Duration, mut done: impl FnMut() -> bool) -> bool {
-    loop {
-        if done() {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        std::thread::sleep((deadline - now).min(every));
-    }
-}
-
-/// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
-/// SQLite's whole backoff step, check every 200 us whether they are gone
-/// (only the one flock holder can be here, and new readers are held off by
-/// its pending marker), up to `deadline`. It holds RESERVED and the flock
-/// meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
-fn wait_for_readers(h: &Shared, deadline: Instant) -> bool {
-    poll_until(deadline, Duration::from_micros(200), || {
-        lock_proto(h).try_shadow_write()
-    })
-}
-
-/// A reader held off by a writer that waits for or holds EXCLUSIVE: check
-/// every 100 us whether it is done, up to `deadline`, instead of SQLite's
-/// growing backoff, whose 10–100 ms steps miss the short gaps between queued
-/// writers' commits and starve readers. The handle holds no lock meanwhile
-/// (its SHARED was refused). Whether the writer is done.
-fn wait_for_writer(h: &Shared, deadline: Instant) -> bool {
-    poll_until(deadline, Duration::from_micros(100), || {
-        !lock_proto(h).read_blocked()
-    })
-}
-
-/// Queue for the flock for at most `dur`, holding it as a write intent when
-/// granted. `None` when waiting is not safe or possible now (the caller then
-/// behaves as without the queue), else whether the lock was granted.
-/// `retry_follows`: a busy handler retries right after its sleep, so a grant
-/// just after a timed-out wait is still wanted; a checkpoint gives up.
-fn wait_for_lock(h: &Shared, dur: Duration, retry_follows: bool) -> Option<bool> {
-    let mut p = lock_proto(h);
-    if p.has_pure_intent() {
-        return Some(true); // granted between the last attempt and this wait
-    }
-    if !p.may_wait() {
-        return None;
-    }
-    match p.try_intent() {
-        Ok(true) => return Some(true),
-        Ok(false) => {}
-        Err(_) => return None,
-    }
-    if !p.waiter_running {
-        let dup = p.flock().duplicate().ok()?;
-        let h2 = Arc::clone(h);
-        let spawned = std::thread::Builder::new()
-            .name("writelock-wait".into())
-            .spawn(move || waiter(h2, dup));
-        if spawned.is_err() {
-            return None;
-        }
-        p.waiter_running = true;
-    }
-    if !p.waiter_queued {
-        p.queue_wanted = true;
-        h.work.notify_all();
-    }
-    p.sleepers += 1;
-    let (mut p, _) = h
-        .granted
-        .wait_timeout_while(p, dur, |p| !p.holds() && !p.closed)
-        .unwrap_or_else(|e| e.into_inner());
-    p.sleepers -= 1;
-    let granted = p.holds();
-    p.counters.queued += 1;
-    p.counters.queue_granted += u64::from(granted);
-    if retry_follows {
-        p.last_sleep_end = Some(Instant::now());
-    }
-    Some(granted)
-}
-
-/// The queueing thread of one handle. Asked to (`queue_wanted`), it blocks
-/// in `flock(LOCK_EX)` on a duplicate of the handle's descriptor (same open
-/// file description), then hands the lock to a sleeping busy handler as a
-/// write intent — or, when nobody wants it any more, releases it. While the
-/// intent is unused it stays as a watchdog and drops it after `INTENT_TTL`,
-/// so a connection the application stopped using never keeps the lock. It
-/// then waits up to [`WAITER_LINGER`] for the handle's next wait, and exits
-/// when there is none or the handle closes.
-fn waiter(h: Shared, dup: DupFd) {
-    loop {
-        {
-            let p = lock_proto(&h);
-            let (mut p, idle) = h
-                .work
-                .wait_timeout_while(p, WAITER_LINGER, |p| !p.queue_wanted && !p.closed)
-                .unwrap_or_else(|e| e.into_inner());
-            if p.closed || idle.timed_out() {
-                p.waiter_running = false;
-                return;
-            }
-            p.queue_wanted = false;
-            p.waiter_queued = true;
-        }
-        // A blocking flock with no timeout is what makes this a queue; the
-        // thread is the only thing that waits, and it always ends by deciding.
-        let got = dup.lock_exclusive();
-        let mut p = lock_proto(&h);
-        p.waiter_queued = false;
-        if got.is_err() {
-            p.waiter_running = false;
-            return;
-        }
-        if p.holds() {
-            if p.flock().is_borrowed() {
-                // The handle borrows the application's lock, so this grant
-                // (which came after the application let go) is nobody's.
-                dup.unlock();
-            }
-            continue; // else the handle took it already (same description)
-        }
-        let wanted = p.sleepers > 0 || p.last_sleep_end.is_some_and(|t| t.elapsed() < INTENT_FRESH);
-        if p.closed || !wanted || !p.may_wait() || p.try_intent() != Ok(true) {
-            p.release_unowned();
-            continue;
-        }
-        // Notify with the mutex released, so the woken sleeper does not
-        // wake only to block on it.
-        drop(p);
-        h.granted.notify_all();
-        let mut p = lock_proto(&h);
-        let deadline = Instant::now() + INTENT_TTL;
-        while p.has_pure_intent() && !p.queue_wanted {
-            let now = Instant::now();
-            if now >= deadline {
-                p.drop_intent();
-                break;
-            }
-            p = h
-                .work
-                .wait_timeout(p, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
 unsafe extern "C" fn v_sleep(vfs: *mut ffi::sqlite3_vfs, us: c_int) -> c_int {
-    // SAFETY: delegation when there is no write intent to serve.
+    // SAFETY: delegation when there is no refusal of ours to serve.
     guard(0, || unsafe {
         if let Some(slept) = sleep_for_lock(us) {
             return slept;
@@ -1123,6 +1034,7 @@ pub(crate) fn register_vfs() -> Result<(), (c_int, String)> {
         .get_or_init(|| {
             // SAFETY: plain SQLite API calls; the struct we register is leaked
             // and so outlives every connection.
+            crate::process::watch_forks();
             unsafe {
                 let existing = ffi::sqlite3_vfs_find(VFS_NAME.as_ptr());
                 if !existing.is_null() {
@@ -1184,70 +1096,4 @@ pub(crate) fn register_vfs() -> Result<(), (c_int, String)> {
 /// The path shown for a database in reports.
 pub(crate) fn display_path(p: &Path) -> String {
     p.to_string_lossy().into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-
-    /// SQLite's default busy handler (sqliteDefaultBusyCallback) asks for
-    /// these sleeps, then 100 ms each, until busy_timeout is used up.
-    fn schedule(timeout_ms: u64) -> Vec<Duration> {
-        let steps = [1u64, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100];
-        let (mut out, mut total) = (Vec::new(), 0);
-        for i in 0.. {
-            let d = steps.get(i).copied().unwrap_or(100).min(timeout_ms - total);
-            if d == 0 {
-                break;
-            }
-            total += d;
-            out.push(Duration::from_millis(d));
-        }
-        out
-    }
-
-    #[test]
-    fn a_run_waits_at_least_what_was_asked_and_exceeds_busy_timeout_by_at_most_ahead() {
-        for timeout in [1u64, 30, 300, 5000] {
-            for ahead in [Duration::ZERO, 25 * MS, 100 * MS] {
-                RUN.set(None);
-                let t0 = Instant::now();
-                let (mut now, mut retries) = (t0, Duration::ZERO);
-                for asked in schedule(timeout) {
-                    let end = Run::deadline(now, asked, ahead);
-                    assert!(end >= now + asked, "never less than asked");
-                    now = end; // never granted: each sleep runs to its deadline
-                    Run::ended(false, now);
-                    let retry = Duration::from_micros(20); // between two sleeps
-                    now += retry;
-                    retries += retry;
-                }
-                let waited = now - t0;
-                // SQLite's own loop takes its retries on top of busy_timeout too.
-                let bound = Duration::from_millis(timeout) + ahead + retries;
-                assert!(waited <= bound, "{timeout} ms, ahead {ahead:?}: {waited:?}");
-                assert!(
-                    waited >= Duration::from_millis(timeout),
-                    "{timeout} ms: {waited:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn a_grant_ends_the_run_and_a_later_sleep_starts_a_new_one() {
-        RUN.set(None);
-        let t0 = Instant::now();
-        assert_eq!(Run::deadline(t0, MS, 25 * MS), t0 + 26 * MS);
-        Run::ended(true, t0 + 3 * MS);
-        assert!(RUN.get().is_none());
-        let t1 = t0 + 4 * MS;
-        assert_eq!(Run::deadline(t1, MS, 25 * MS), t1 + 26 * MS);
-        // Long after a run's last sleep, a new run starts too.
-        Run::ended(false, t1 + 26 * MS);
-        let t2 = t1 + 26 * MS + RUN_JOIN;
-        assert_eq!(Run::deadline(t2, 2 * MS, 25 * MS), t2 + 27 * MS);
-    }
 }

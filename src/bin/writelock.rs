@@ -12,14 +12,20 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use writelock::holder::{cmdline, current_holder, now_ms};
-use writelock::lockfile::{lock_path_for, LockFile};
+use writelock::holder::{cmdline, current_holder, holder_and_waiters};
+use writelock::lockfile::{kind_of, lock_path_for, resolve_db_path, LockFile, Opener};
+use writelock::page::now_ms;
 
 const EXIT_HELP: &str = "\
+The lock file is <resolved database path>.lock: symlinks are resolved as
+SQLite resolves them before it opens the database.
+
 Exit codes:
   0    success (run: the command's own status is passed through)
   2    usage error
-  73   the lock file cannot be opened or created (the message says why)
+  66   the database does not exist (nothing is created)
+  73   the lock file cannot be used: not a regular file, or cannot be opened
+       or created (the message says why)
   75   run: the lock was not free within --timeout
   126  run: the command could not be executed
   127  run: the command was not found
@@ -86,10 +92,54 @@ fn main() -> ExitCode {
     }
 }
 
+/// A failure with its exit code, already explained on stderr.
+struct Fail(u8);
+
+/// The lock file of an existing database, as the connections name it
+/// (symlinks resolved), checked without creating anything: `Ok((db, lock,
+/// exists))`. A missing database is exit 66; a lock file that is not a
+/// regular file is exit 73 (every connection refuses to open then).
+fn lock_file_of(db: &Path) -> Result<(PathBuf, PathBuf, bool), Fail> {
+    let meta = std::fs::metadata(db).map_err(|e| {
+        eprintln!("writelock: no database at {}: {e}", db.display());
+        Fail(66)
+    })?;
+    if !meta.file_type().is_file() {
+        eprintln!(
+            "writelock: {} is a {}, not a database file",
+            db.display(),
+            kind_of(meta.file_type())
+        );
+        return Err(Fail(66));
+    }
+    let real = resolve_db_path(db).map_err(|e| {
+        eprintln!("writelock: cannot resolve {}: {e}", db.display());
+        Fail(66)
+    })?;
+    let lock = lock_path_for(&real);
+    match std::fs::symlink_metadata(&lock) {
+        Err(_) => Ok((real, lock, false)),
+        Ok(m) if m.file_type().is_file() => Ok((real, lock, true)),
+        Ok(m) => {
+            eprintln!(
+                "writelock: lock file {} is a {}, not a regular file: every connection of the \
+                 extension refuses to open {}; remove it",
+                lock.display(),
+                kind_of(m.file_type()),
+                real.display()
+            );
+            Err(Fail(73))
+        }
+    }
+}
+
 fn status(db: &Path, json: bool) -> ExitCode {
-    let lock = lock_path_for(db);
-    let exists = lock.exists();
-    let h = current_holder(&lock);
+    let (_, lock, exists) = match lock_file_of(db) {
+        Ok(x) => x,
+        Err(Fail(code)) => return ExitCode::from(code),
+    };
+    let (h, flock_waiters) = holder_and_waiters(&lock).unwrap_or_default();
+    let waiters = waiters(&lock, flock_waiters);
     let pid = h.as_ref().map(|h| h.pid);
     let cmd = pid.and_then(cmdline);
     let held_for = h
@@ -105,6 +155,11 @@ fn status(db: &Path, json: bool) -> ExitCode {
             "holder_pid": pid,
             "holder_cmdline": cmd,
             "held_for_ms": held_for,
+            "waiters": waiters.iter().map(|w| serde_json::json!({
+                "pid": w.pid,
+                "cmdline": cmdline(w.pid),
+                "how": w.how,
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return ExitCode::SUCCESS;
@@ -125,11 +180,51 @@ fn status(db: &Path, json: bool) -> ExitCode {
             }
         }
     }
+    for (i, w) in waiters.iter().enumerate() {
+        println!(
+            "{:<10} pid {} ({}) [{}]",
+            if i == 0 { "waiting:" } else { "" },
+            w.pid,
+            cmdline(w.pid).unwrap_or_else(|| "?".into()),
+            w.how
+        );
+    }
     ExitCode::SUCCESS
 }
 
+/// One process waiting for the lock.
+struct Waiter {
+    pid: u32,
+    /// "extension" (a connection queued on the shared page, oldest first)
+    /// or "flock" (blocked in flock(2), in the kernel's queue: flock(1),
+    /// an application's own lock).
+    how: &'static str,
+}
+
+/// Everyone waiting: the extension's queue first (in arrival order), then
+/// the kernel's `flock` waiters.
+fn waiters(lock: &Path, flock_waiters: Vec<u32>) -> Vec<Waiter> {
+    let queued = writelock::page::peek(lock)
+        .map(|s| s.waiters)
+        .unwrap_or_default();
+    queued
+        .into_iter()
+        .map(|(pid, _)| Waiter {
+            pid,
+            how: "extension",
+        })
+        .chain(
+            flock_waiters
+                .into_iter()
+                .map(|pid| Waiter { pid, how: "flock" }),
+        )
+        .collect()
+}
+
 fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
-    let mut lock = match LockFile::open(db) {
+    // The connections lock <resolved path>.lock: so must we.
+    let real = resolve_db_path(db).unwrap_or_else(|_| db.to_path_buf());
+    let mut lock = match LockFile::open_as(&real, Opener::Tool) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{e}");
@@ -202,7 +297,10 @@ fn clock() -> String {
 }
 
 fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
-    let lock = lock_path_for(db);
+    let (_, lock, _) = match lock_file_of(db) {
+        Ok(x) => x,
+        Err(Fail(code)) => return ExitCode::from(code),
+    };
     let end = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     println!("{} watching {}", clock(), lock.display());
     let mut current: Option<(u32, Instant)> = None;

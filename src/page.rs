@@ -1,0 +1,674 @@
+//! The shared page: `<db>.lock-shm`, mapped by every process that uses the
+//! extension on a database.
+//!
+//! `<db>.lock` itself stays an ordinary lock file: applications open it with
+//! `O_TRUNC` (`open("app.db.lock", "w")`, `exec 9>app.db.lock`), and touching a
+//! mapping of a file truncated under it raises `SIGBUS`. So what the
+//! extension's processes share lives in a side file that nobody else opens,
+//! mapped `MAP_SHARED` (which also works across containers that share the
+//! directory, unlike `/dev/shm`):
+//!
+//! * **the holder record** — which process of the extension holds the lock,
+//!   since when, and whether it borrows its application's own `flock`. The
+//!   holder writes it after taking the `flock` and clears it before letting
+//!   go, so a record that is set names a live holder unless that holder was
+//!   killed (checked with `kill(pid, 0)`).
+//! * **waiter slots** — one per waiting connection: pid, arrival time, and a
+//!   futex word. A releaser wakes the *oldest* live waiter, only it, and only
+//!   when someone waits: one wake-up per hand-off.
+//!
+//! Correctness never depends on the page: the `flock` is the lock. A page that
+//! is lost, deleted or replaced costs wake-ups (waiters then poll) and
+//! descriptor scans, never exclusion. The file only grows; nothing in the
+//! extension truncates it (truncating it under running processes would raise
+//! `SIGBUS` in them — never do that; deleting it is harmless).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use nix::libc;
+
+/// `<db>.lock-shm` for a lock file `<db>.lock`.
+pub fn page_path_for(lock_path: &Path) -> PathBuf {
+    let mut s = lock_path.as_os_str().to_owned();
+    s.push("-shm");
+    PathBuf::from(s)
+}
+
+/// "WLK1", little-endian.
+const MAGIC: u32 = 0x314B_4C57;
+const VERSION: u32 = 1;
+
+/// Size of the side file and of the mapping.
+pub const PAGE_LEN: usize = 16 * 1024;
+
+// Header fields (byte offsets).
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 4;
+/// The holder word: `pid << 32 | token << 8 | flags` (see [`HolderRecord`]),
+/// 0 when nobody of the extension holds the lock. One word, so a borrower's
+/// compare-and-swap covers who and how at once.
+const OFF_HOLDER: usize = 8;
+const OFF_HOLDER_SINCE_MS: usize = 16;
+/// Occupied waiter slots (a hint: 0 lets a releaser skip the scan).
+const OFF_WAITING: usize = 28;
+/// Acquisitions by the extension's handles, ever (for tools).
+const OFF_ACQUISITIONS: usize = 32;
+
+/// Waiter slots start here; each is [`SLOT_LEN`] bytes.
+const SLOTS_AT: usize = 4096;
+const SLOT_LEN: usize = 32;
+/// How many connections can wait with wake-ups at once (more poll).
+pub const SLOTS: usize = 256;
+const _: () = assert!(SLOTS_AT + SLOTS * SLOT_LEN <= PAGE_LEN);
+
+// Slot fields.
+const S_STATE: usize = 0;
+const S_PID: usize = 4;
+const S_ARRIVAL: usize = 8;
+const S_EXPIRES: usize = 16;
+
+/// Slot states (the slot's futex word).
+const FREE: u32 = 0;
+const WAITING: u32 = 1;
+const WOKEN: u32 = 2;
+
+/// A waiting process holds an OFD write lock on byte `SLOT_LOCKS + i` of the
+/// side file while it owns slot `i`: the kernel drops it when the process
+/// dies, which is how a dead owner's slot is told from a slow one's.
+const SLOT_LOCKS: i64 = 1 << 20;
+
+/// Holder flags.
+pub mod flags {
+    /// The holder borrows its application's own `flock`.
+    pub const BORROWED: u32 = 1;
+    /// The holder is a tool (`writelock run`) whose command's connections
+    /// may borrow its lock.
+    pub const TOOL: u32 = 2;
+}
+
+/// What the holder record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HolderRecord {
+    /// The holding process.
+    pub pid: u32,
+    /// Which copy of the extension in that process (24 random bits).
+    pub token: u32,
+    /// [`flags`] bits.
+    pub flags: u32,
+    /// When it took the lock (milliseconds since the epoch; informative).
+    pub since_ms: u64,
+}
+
+impl HolderRecord {
+    fn word(pid: u32, token: u32, flags: u32) -> u64 {
+        (pid as u64) << 32 | ((token & 0xFF_FFFF) as u64) << 8 | (flags & 0xFF) as u64
+    }
+
+    fn from_word(w: u64, since_ms: u64) -> Option<HolderRecord> {
+        (w != 0).then_some(HolderRecord {
+            pid: (w >> 32) as u32,
+            token: (w >> 8) as u32 & 0xFF_FFFF,
+            flags: w as u32 & 0xFF,
+            since_ms,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the
+/// machine, for arrival order and slot expiry.
+pub fn mono_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64);
+    t.unwrap_or(0)
+}
+
+/// The mapping and the calls that need `unsafe`: one small place.
+mod sys {
+    use super::*;
+
+    /// A `MAP_SHARED` mapping of [`PAGE_LEN`] bytes of a file.
+    pub struct Mapping {
+        base: *mut u8,
+    }
+
+    // SAFETY: the mapping is only accessed through atomics (here and in
+    // every other process), so sharing it between threads is sound.
+    unsafe impl Send for Mapping {}
+    unsafe impl Sync for Mapping {}
+
+    impl Mapping {
+        /// Map the first [`PAGE_LEN`] bytes of `f` (at least that long).
+        pub fn new(f: &File) -> std::io::Result<Mapping> {
+            // SAFETY: a fresh shared mapping of a file we keep open; the
+            // kernel picks the address. The file is at least PAGE_LEN long
+            // (checked by the caller), so every byte we touch is backed.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    PAGE_LEN,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(Mapping { base: p as *mut u8 })
+        }
+
+        pub fn u32_at(&self, off: usize) -> &AtomicU32 {
+            assert!(off.is_multiple_of(4) && off + 4 <= PAGE_LEN);
+            // SAFETY: in bounds, aligned (the mapping is page-aligned), and
+            // valid while `self` lives; every party accesses it atomically.
+            unsafe { AtomicU32::from_ptr(self.base.add(off) as *mut u32) }
+        }
+
+        pub fn u64_at(&self, off: usize) -> &AtomicU64 {
+            assert!(off.is_multiple_of(8) && off + 8 <= PAGE_LEN);
+            // SAFETY: as `u32_at`.
+            unsafe { AtomicU64::from_ptr(self.base.add(off) as *mut u64) }
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: unmapping what `new` mapped; no reference outlives
+            // `self` (all accessors borrow it).
+            unsafe { libc::munmap(self.base as *mut libc::c_void, PAGE_LEN) };
+        }
+    }
+
+    /// Sleep while `*word == expected`, at most `timeout` (shared futex:
+    /// other processes mapping the same file wake it). Spurious returns
+    /// are fine: callers re-check.
+    pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: FUTEX_WAIT (not PRIVATE: the word is shared between
+        // processes) on a valid, aligned u32 with a relative timeout.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT,
+                expected,
+                &ts as *const libc::timespec,
+            );
+        }
+    }
+
+    /// Wake at most `n` sleepers on `word`.
+    pub fn futex_wake(word: &AtomicU32, n: i32) {
+        // SAFETY: FUTEX_WAKE on a valid, aligned u32.
+        unsafe {
+            libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n);
+        }
+    }
+}
+
+/// One database's shared page, mapped once per process and shared by all of
+/// the process's handles on that database.
+pub struct Page {
+    map: sys::Mapping,
+    file: File,
+    key: (u64, u64),
+}
+
+impl Page {
+    /// Open (creating) and map `path`. Fails for anything that is not a
+    /// regular file, a symlink (`O_NOFOLLOW`), or a page of another format.
+    fn open(path: &Path, mode: u32) -> std::io::Result<Page> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        if meta.len() < PAGE_LEN as u64 {
+            // Only ever grow it: a mapping of a shrunk file faults.
+            file.set_len(PAGE_LEN as u64)?;
+        }
+        let map = sys::Mapping::new(&file)?;
+        let magic = map.u32_at(OFF_MAGIC);
+        match magic.compare_exchange(0, MAGIC, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => map.u32_at(OFF_VERSION).store(VERSION, Ordering::Release),
+            Err(MAGIC) => {}
+            Err(other) => {
+                return Err(std::io::Error::other(format!(
+                    "unknown format (magic {other:#x})"
+                )))
+            }
+        }
+        crate::process::register_fd(file.as_raw_fd());
+        Ok(Page {
+            map,
+            key: (meta.dev(), meta.ino()),
+            file,
+        })
+    }
+
+    /// The page of the lock file `lock_path`, shared with the process's
+    /// other handles on it. `None` when it cannot be used (read-only
+    /// directory, something odd at the path): the lock works without it,
+    /// with polling instead of wake-ups.
+    pub fn for_lock_file(lock_path: &Path, mode: u32) -> Option<Arc<Page>> {
+        let path = page_path_for(lock_path);
+        let reg = REGISTRY.get(Default::default);
+        let mut pages = reg.lock().unwrap_or_else(|e| e.into_inner());
+        pages.retain(|(_, w)| w.strong_count() > 0);
+        // A page deleted from the directory is another domain than newcomers'.
+        let here = std::fs::symlink_metadata(&path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if let Some(p) = pages
+            .iter()
+            .filter_map(|(_, w)| w.upgrade())
+            .find(|p| Some(p.key) == here)
+        {
+            return Some(p);
+        }
+        let page = Arc::new(Page::open(&path, mode).ok()?);
+        pages.push((path, Arc::downgrade(&page)));
+        Some(page)
+    }
+
+    fn slot_u32(&self, i: usize, field: usize) -> &AtomicU32 {
+        self.map.u32_at(SLOTS_AT + i * SLOT_LEN + field)
+    }
+
+    fn slot_u64(&self, i: usize, field: usize) -> &AtomicU64 {
+        self.map.u64_at(SLOTS_AT + i * SLOT_LEN + field)
+    }
+
+    // ---- the holder record ----------------------------------------------
+
+    /// What the record says now (None: nobody of the extension holds).
+    pub fn holder(&self) -> Option<HolderRecord> {
+        let w = self.map.u64_at(OFF_HOLDER).load(Ordering::Acquire);
+        HolderRecord::from_word(
+            w,
+            self.map.u64_at(OFF_HOLDER_SINCE_MS).load(Ordering::Relaxed),
+        )
+    }
+
+    /// Record `(pid, token, flags)` as the holder, replacing `seen` (what was
+    /// read before); false if it changed meanwhile. A borrower must win this
+    /// race: two handles may find the application's lock at once.
+    pub fn claim(&self, seen: Option<HolderRecord>, pid: u32, token: u32, flags: u32) -> bool {
+        let old = seen.map_or(0, |h| HolderRecord::word(h.pid, h.token, h.flags));
+        let ok = self
+            .map
+            .u64_at(OFF_HOLDER)
+            .compare_exchange(
+                old,
+                HolderRecord::word(pid, token, flags),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if ok {
+            self.acquired();
+        }
+        ok
+    }
+
+    /// Record `(pid, token, flags)` as the holder unconditionally: it holds
+    /// the `flock`, so nobody else can be the holder.
+    pub fn set_holder(&self, pid: u32, token: u32, flags: u32) {
+        self.map
+            .u64_at(OFF_HOLDER)
+            .store(HolderRecord::word(pid, token, flags), Ordering::Release);
+        self.acquired();
+    }
+
+    fn acquired(&self) {
+        self.map
+            .u64_at(OFF_HOLDER_SINCE_MS)
+            .store(now_ms(), Ordering::Relaxed);
+        self.map
+            .u64_at(OFF_ACQUISITIONS)
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Clear the record if it still names `(pid, token)`, whatever its flags.
+    pub fn clear_holder(&self, pid: u32, token: u32) {
+        let w = self.map.u64_at(OFF_HOLDER);
+        let cur = w.load(Ordering::Acquire);
+        if HolderRecord::from_word(cur, 0)
+            .is_some_and(|h| h.pid == pid && h.token == token & 0xFF_FFFF)
+        {
+            let _ = w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    // ---- waiter slots ---------------------------------------------------
+
+    /// Whether any slot is occupied (cheap: a releaser asks on every release).
+    pub fn has_waiters(&self) -> bool {
+        self.map.u32_at(OFF_WAITING).load(Ordering::Acquire) != 0
+    }
+
+    fn lock_slot_byte(&self, i: usize, on: bool) -> bool {
+        let fl = libc::flock {
+            l_type: if on { libc::F_WRLCK } else { libc::F_UNLCK } as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: SLOT_LOCKS + i as i64,
+            l_len: 1,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_ok()
+    }
+
+    /// Whether some live process holds slot `i`'s liveness byte. Our own
+    /// process's bytes are not seen (one description per process), so the
+    /// caller also compares the slot's pid with ours.
+    fn slot_owner_alive(&self, i: usize) -> bool {
+        let mut fl = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: SLOT_LOCKS + i as i64,
+            l_len: 1,
+            l_pid: 0,
+        };
+        let r = nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl));
+        r.is_err() || fl.l_type != libc::F_UNLCK as libc::c_short
+    }
+
+    /// Take a free slot for a waiter of this process that waits until
+    /// `expires_ns` (monotonic). Slots of dead processes are reclaimed.
+    /// `None` when every slot is taken: the caller polls instead.
+    pub fn claim_slot(&self, expires_ns: u64) -> Option<usize> {
+        let me = crate::process::pid();
+        for pass in 0..2 {
+            for i in 0..SLOTS {
+                let state = self.slot_u32(i, S_STATE);
+                let cur = state.load(Ordering::Acquire);
+                if cur != FREE {
+                    // Second pass: take over a dead process's slot.
+                    let stale = self.slot_u64(i, S_EXPIRES).load(Ordering::Acquire)
+                        < mono_ns().saturating_sub(1_000_000_000);
+                    let theirs = self.slot_u32(i, S_PID).load(Ordering::Relaxed) != me;
+                    if pass == 0 || !stale || !theirs || self.slot_owner_alive(i) {
+                        continue;
+                    }
+                    if state
+                        .compare_exchange(cur, FREE, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    self.map.u32_at(OFF_WAITING).fetch_sub(1, Ordering::AcqRel);
+                }
+                if state
+                    .compare_exchange(FREE, WAITING, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_err()
+                {
+                    continue;
+                }
+                if !self.lock_slot_byte(i, true) {
+                    // A previous owner's lock lingers (its free is in flight).
+                    state.store(FREE, Ordering::Release);
+                    continue;
+                }
+                self.map.u32_at(OFF_WAITING).fetch_add(1, Ordering::AcqRel);
+                self.slot_u32(i, S_PID).store(me, Ordering::Relaxed);
+                self.slot_u64(i, S_EXPIRES)
+                    .store(expires_ns, Ordering::Relaxed);
+                self.slot_u64(i, S_ARRIVAL)
+                    .store(mono_ns(), Ordering::Release);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The owner keeps its slot for another wait, until `expires_ns`.
+    pub fn refresh_slot(&self, i: usize, expires_ns: u64) {
+        self.slot_u64(i, S_EXPIRES)
+            .store(expires_ns, Ordering::Release);
+    }
+
+    /// The owner gives its slot up.
+    pub fn free_slot(&self, i: usize) {
+        self.slot_u64(i, S_ARRIVAL).store(0, Ordering::Relaxed);
+        self.slot_u32(i, S_PID).store(0, Ordering::Relaxed);
+        self.lock_slot_byte(i, false);
+        if self.slot_u32(i, S_STATE).swap(FREE, Ordering::AcqRel) != FREE {
+            self.map.u32_at(OFF_WAITING).fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether slot `i` was woken since the owner last looked (consuming it).
+    pub fn take_wake(&self, i: usize) -> bool {
+        self.slot_u32(i, S_STATE)
+            .compare_exchange(WOKEN, WAITING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// The owner sleeps until woken or `timeout` passes.
+    pub fn sleep_in_slot(&self, i: usize, timeout: Duration) {
+        sys::futex_wait(self.slot_u32(i, S_STATE), WAITING, timeout);
+    }
+
+    /// The live waiting slots, oldest first: `(slot, pid, arrival_ns)`.
+    pub fn waiters(&self) -> Vec<(usize, u32, u64)> {
+        let now = mono_ns();
+        let mut v: Vec<(usize, u32, u64)> = (0..SLOTS)
+            .filter_map(|i| {
+                let st = self.slot_u32(i, S_STATE).load(Ordering::Acquire);
+                let arrival = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
+                let live = self.slot_u64(i, S_EXPIRES).load(Ordering::Relaxed) > now;
+                (st != FREE && arrival != 0 && live)
+                    .then(|| (i, self.slot_u32(i, S_PID).load(Ordering::Relaxed), arrival))
+            })
+            .collect();
+        v.sort_by_key(|w| w.2);
+        v
+    }
+
+    /// Whether slot `i` is the oldest live waiter.
+    pub fn is_oldest(&self, i: usize) -> bool {
+        let mine = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
+        let now = mono_ns();
+        !(0..SLOTS).any(|j| {
+            j != i
+                && self.slot_u32(j, S_STATE).load(Ordering::Acquire) != FREE
+                && self.slot_u64(j, S_EXPIRES).load(Ordering::Relaxed) > now
+                && {
+                    let a = self.slot_u64(j, S_ARRIVAL).load(Ordering::Acquire);
+                    a != 0 && a < mine
+                }
+        })
+    }
+
+    /// After a release: wake the oldest live waiter, if any — one wake-up
+    /// per hand-off. If the oldest was woken already (and has not taken the
+    /// lock yet, e.g. someone barged in between), it is woken again rather
+    /// than a younger one, so the order holds.
+    pub fn wake_next(&self) {
+        if !self.has_waiters() {
+            return;
+        }
+        for _ in 0..3 {
+            let Some(&(i, _, _)) = self.waiters().first() else {
+                return;
+            };
+            let state = self.slot_u32(i, S_STATE);
+            let woke = state
+                .compare_exchange(WAITING, WOKEN, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok();
+            if woke || state.load(Ordering::Acquire) == WOKEN {
+                sys::futex_wake(state, 1);
+                return;
+            }
+        }
+    }
+
+    /// Descriptor of the side file (registered as the extension's).
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl Drop for Page {
+    fn drop(&mut self) {
+        crate::process::forget_fd(self.file.as_raw_fd());
+    }
+}
+
+type Registry = Mutex<Vec<(PathBuf, Weak<Page>)>>;
+
+/// This process's pages, one per side file (rebuilt in a forked child).
+static REGISTRY: crate::process::PerProcess<Registry> = crate::process::PerProcess::new();
+
+/// What a tool reads from a page (see [`peek`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The holder record, if set.
+    pub holder: Option<HolderRecord>,
+    /// Live waiters, oldest first: `(pid, arrival in monotonic ns)`.
+    pub waiters: Vec<(u32, u64)>,
+}
+
+/// Read the holder record and the waiters of `lock_path`'s page without
+/// creating or mapping anything (for tools). `None` if there is no page.
+pub fn peek(lock_path: &Path) -> Option<Snapshot> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(page_path_for(lock_path))
+        .ok()?;
+    if !f.metadata().ok()?.file_type().is_file() {
+        return None;
+    }
+    let mut buf = vec![0u8; PAGE_LEN];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    if n < PAGE_LEN {
+        return None;
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    if u32_at(OFF_MAGIC) != MAGIC {
+        return None;
+    }
+    let holder = HolderRecord::from_word(u64_at(OFF_HOLDER), u64_at(OFF_HOLDER_SINCE_MS));
+    let now = mono_ns();
+    let mut waiters: Vec<(u32, u64)> = (0..SLOTS)
+        .filter_map(|i| {
+            let at = SLOTS_AT + i * SLOT_LEN;
+            let live = u32_at(at + S_STATE) != FREE
+                && u64_at(at + S_ARRIVAL) != 0
+                && u64_at(at + S_EXPIRES) > now;
+            live.then(|| (u32_at(at + S_PID), u64_at(at + S_ARRIVAL)))
+        })
+        .collect();
+    waiters.sort_by_key(|w| w.1);
+    Some(Snapshot { holder, waiters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("wl-page-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("a.db.lock")
+    }
+
+    #[test]
+    fn one_page_per_file_per_process_and_the_holder_record() {
+        let lp = tmp("holder");
+        let a = Page::for_lock_file(&lp, 0o644).unwrap();
+        let b = Page::for_lock_file(&lp, 0o644).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.holder(), None);
+        a.set_holder(42, 7, 0);
+        assert!(a.holder().unwrap().since_ms > 0);
+        let h = b.holder().unwrap();
+        assert_eq!((h.pid, h.token, h.flags), (42, 7, 0));
+        assert!(!b.claim(None, 43, 1, flags::BORROWED), "it changed");
+        assert!(b.claim(Some(h), 43, 1, flags::BORROWED));
+        b.clear_holder(42, 7); // not the holder any more: no effect
+        assert_eq!(a.holder().unwrap().pid, 43);
+        a.clear_holder(43, 1);
+        assert_eq!(a.holder(), None);
+        assert_eq!(peek(&lp).unwrap(), Snapshot::default());
+    }
+
+    #[test]
+    fn the_oldest_waiter_is_woken_first_and_slots_are_freed() {
+        let lp = tmp("slots");
+        let p = Page::for_lock_file(&lp, 0o644).unwrap();
+        let far = mono_ns() + 60_000_000_000;
+        let first = p.claim_slot(far).unwrap();
+        let second = p.claim_slot(far).unwrap();
+        assert_ne!(first, second);
+        assert!(p.is_oldest(first) && !p.is_oldest(second));
+        assert_eq!(peek(&lp).unwrap().waiters.len(), 2);
+        p.wake_next();
+        assert!(p.take_wake(first) && !p.take_wake(second));
+        p.free_slot(first);
+        assert!(p.is_oldest(second));
+        p.wake_next();
+        assert!(p.take_wake(second));
+        p.free_slot(second);
+        assert!(!p.has_waiters());
+        // Woken but not served yet: woken again, the younger one waits.
+        let (o, y) = (p.claim_slot(far).unwrap(), p.claim_slot(far).unwrap());
+        p.wake_next();
+        p.wake_next();
+        assert!(p.take_wake(o) && !p.take_wake(y));
+        p.free_slot(o);
+        p.free_slot(y);
+        // An expired slot is not woken.
+        let s = p.claim_slot(mono_ns()).unwrap();
+        p.wake_next();
+        assert!(!p.take_wake(s));
+        p.free_slot(s);
+    }
+
+    #[test]
+    fn a_sleeping_waiter_is_woken_by_another_thread() {
+        let lp = tmp("futex");
+        let p = Page::for_lock_file(&lp, 0o644).unwrap();
+        let s = p.claim_slot(mono_ns() + 60_000_000_000).unwrap();
+        let p2 = Arc::clone(&p);
+        let t0 = std::time::Instant::now();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            p2.wake_next();
+        });
+        while !p.take_wake(s) {
+            p.sleep_in_slot(s, Duration::from_secs(5));
+        }
+        assert!(t0.elapsed() < Duration::from_secs(4));
+        waker.join().unwrap();
+        p.free_slot(s);
+    }
+}

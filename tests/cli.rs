@@ -39,7 +39,8 @@ fn status_names_the_holder_while_a_transaction_is_open() {
                     "held_for_ms",
                     "holder_cmdline",
                     "holder_pid",
-                    "lock_file"
+                    "lock_file",
+                    "waiters"
                 ],
                 "the JSON schema is a contract"
             );

@@ -142,21 +142,25 @@ fn attached_databases_in_opposite_orders_never_hang() {
     }
 }
 
-/// Queued `flock` waiters on `<db>.lock` (the `->` lines of /proc/locks).
+/// Waiters for `<db>.lock`, as `writelock status` lists them: connections
+/// queued on the shared page, and `flock` waiters in the kernel's queue.
 fn queued(db: &Path) -> usize {
-    let lock = lock_path(db);
-    if !lock.exists() {
+    if !lock_path(db).exists() {
         return 0;
     }
-    proc_locks_on(&lock)
-        .iter()
-        .filter(|l| l.contains("->") && l.contains("FLOCK"))
-        .count()
+    let out = std::process::Command::new(writelock_tests::cli_path())
+        .args(["status", "--json"])
+        .arg(db)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["waiters"].as_array().map_or(0, |w| w.len())
 }
 
 /// Writers that find the lock taken queue for it in arrival order and are
-/// served in that order. Stock SQLite has no queue: its writers poll, so no
-/// waiter ever shows up, and either may win.
+/// served in that order (`writelock status` lists them as waiters). Stock
+/// SQLite has no queue: its writers poll, so no waiter ever shows up, and
+/// either may win.
 #[test]
 fn waiting_writers_are_served_in_arrival_order() {
     for journal in ["wal", "delete"] {
@@ -293,13 +297,12 @@ fn environment_sets_process_wide_defaults() {
     assert_eq!(n, 0, "the failed open wrote nothing");
 }
 
-/// The application takes its own `flock` on `<db>.lock` while its
-/// connection already queues for the lock (within the 250 ms in which a
-/// handle does not look for the process's own lock again): the connection
-/// borrows it soon after, and when the application lets go, the grant its
-/// queued waiter thread then gets is released — nothing keeps `<db>.lock`
-/// after the commit. Stock SQLite takes no lock, so its write never waits
-/// for the `flock(1)` holder in the first place.
+/// Right after its connection queued for (and got) the lock behind another
+/// process, the application takes its own `flock` on `<db>.lock`: the next
+/// write borrows it at once, without queueing behind the application's own
+/// lock, and when the application lets go nothing keeps `<db>.lock` after
+/// the commit. Stock SQLite takes no lock, so its write never waits for the
+/// `flock(1)` holder in the first place.
 #[test]
 fn an_app_lock_taken_while_queued_is_borrowed_and_the_late_grant_released() {
     for mode in Mode::BOTH {
@@ -327,7 +330,7 @@ fn an_app_lock_taken_while_queued_is_borrowed_and_the_late_grant_released() {
         }
         releaser.join().unwrap();
         // 2. Right after, the application takes its own lock; the next
-        //    write queues behind it, then borrows it.
+        //    write borrows it at once.
         let app = std::fs::File::open(lock_path(&db)).unwrap();
         app.lock().unwrap(); // flock(LOCK_EX)
         c.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (2);")
@@ -340,13 +343,13 @@ fn an_app_lock_taken_while_queued_is_borrowed_and_the_late_grant_released() {
             )
             .unwrap();
         assert!(borrowed, "writes under the application's own lock");
-        if queued(&db) != 1 {
-            // A slow machine looked again before queueing: no late grant to
-            // test this time (the borrow above still had to happen).
-            eprintln!("note: no waiter was queued behind the app's lock");
-        }
-        // 3. The app lets go while the connection still borrows; a queued
-        //    waiter's grant must not stay with the connection's description.
+        assert_eq!(
+            queued(&db),
+            0,
+            "nobody queues behind its own process's lock"
+        );
+        // 3. The app lets go while the connection still borrows: nothing
+        //    may stay with the connection's description after the commit.
         drop(app);
         wait_until("the queued waiter is served", || queued(&db) == 0);
         c.execute_batch("COMMIT").unwrap();

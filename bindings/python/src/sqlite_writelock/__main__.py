@@ -3,7 +3,8 @@
   python -m sqlite_writelock run SCRIPT.py [ARGS…]   run a script with install() done first
   python -m sqlite_writelock run -m MODULE [ARGS…]   the same for a module (like python -m)
   python -m sqlite_writelock path                    print the extension's shared library
-  python -m sqlite_writelock status DB               print writelock_status() for DB
+  python -m sqlite_writelock status DB               print writelock_status() of a read-only
+                                                     connection to DB (creates nothing)
 """
 
 import json
@@ -31,9 +32,22 @@ def main(argv=None):
         if len(rest) != 1:
             return _usage(2)
         import sqlite3
+        import urllib.parse
 
+        db = rest[0]
+        # A question creates nothing: no database, no lock file (a read-only
+        # connection takes no lock, so the extension creates no <db>.lock).
+        if not os.path.isfile(db):
+            what = "not a regular file" if os.path.exists(db) else "no such file"
+            sys.stderr.write("sqlite_writelock: no database at %s (%s)\n" % (db, what))
+            return 1
         sqlite_writelock.install()
-        con = sqlite3.connect(rest[0])
+        uri = "file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(db))
+        try:
+            con = sqlite3.connect(uri, uri=True)
+        except sqlite3.Error as e:
+            sys.stderr.write("sqlite_writelock: cannot open %s: %s\n" % (db, e))
+            return 1
         try:
             print(json.dumps(sqlite_writelock.status(con), indent=2, sort_keys=True))
         finally:

@@ -219,11 +219,13 @@ pub struct LockFile {
     page: Option<Arc<Page>>,
     /// The process that opened it (a forked child must not act on it).
     pid: u32,
+    /// The holder record this handle set on the page while it holds.
+    record: u64,
     counters: LockCounters,
 }
 
 /// Identifies this copy of the extension in this process in the holder
-/// record (24 random bits; 0 until first needed).
+/// record (16 random bits; 0 until first needed).
 static TOKEN: AtomicU32 = AtomicU32::new(0);
 
 fn token() -> u32 {
@@ -234,7 +236,7 @@ fn token() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(process::pid());
-    let fresh = (h.finish() as u32 & 0xFF_FFFF).max(1);
+    let fresh = (h.finish() as u32 & 0xFFFF).max(1);
     match TOKEN.compare_exchange(0, fresh, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => fresh,
         Err(t) => t,
@@ -279,10 +281,12 @@ pub struct Scan {
 
 /// Look through `/proc/self/fd` for descriptors on the file `key` whose open
 /// file description holds `LOCK_EX`, telling the extension's (marked with a
-/// read lock on [`MARKER_BYTE`]) from the application's. No process-wide lock
-/// is held meanwhile: a descriptor closed or reused under the look is at
-/// worst misjudged for an instant (and then found again on the next look).
-pub fn scan(key: (u64, u64)) -> Scan {
+/// read lock on [`MARKER_BYTE`]) from the application's. Descriptors in
+/// `skip` (this copy's own, from the registry) are passed over unread. No
+/// process-wide lock is held meanwhile: a descriptor closed or reused under
+/// the look is at worst misjudged for an instant (and then found again on the
+/// next look).
+pub fn scan(key: (u64, u64), skip: &std::collections::HashSet<RawFd>) -> Scan {
     let mut found = Scan::default();
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return found;
@@ -291,7 +295,7 @@ pub fn scan(key: (u64, u64)) -> Scan {
         let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else {
             continue;
         };
-        if sys::fstat(fd).is_none_or(|(d, i, _)| (d, i) != key) {
+        if skip.contains(&fd) || sys::fstat(fd).is_none_or(|(d, i, _)| (d, i) != key) {
             continue;
         }
         let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
@@ -406,6 +410,7 @@ impl LockFile {
             pending: false,
             page: None,
             pid: process::pid(),
+            record: 0,
             counters: LockCounters::default(),
         };
         lf.adopt()?;
@@ -578,7 +583,7 @@ impl LockFile {
                         } else {
                             0
                         };
-                        p.set_holder(process::pid(), token(), f);
+                        self.record = p.set_holder(process::pid(), token(), f);
                     }
                     return Ok(true);
                 }
@@ -618,15 +623,21 @@ impl LockFile {
             }
         }
         self.counters.scans += 1;
-        let found = scan(self.key);
+        let found = scan(self.key, &process::registered_fds());
         if !found.application_holds {
             return Ok(false);
         }
         if self.ofd_lock(BORROW_BYTE, libc::F_WRLCK)? {
-            let claimed = self
-                .page
-                .as_ref()
-                .is_none_or(|p| p.claim(seen, me, token(), flags::BORROWED));
+            let claimed = match &self.page {
+                None => true,
+                Some(p) => match p.claim(seen, me, token(), flags::BORROWED) {
+                    Some(w) => {
+                        self.record = w;
+                        true
+                    }
+                    None => false,
+                },
+            };
             if claimed {
                 self.hold = Hold::Borrowed;
                 self.counters.borrows += 1;
@@ -648,18 +659,22 @@ impl LockFile {
         if was == Hold::No {
             return;
         }
-        if let Some(p) = &self.page {
-            p.clear_holder(process::pid(), token());
-        }
         if was == Hold::Borrowed {
             // The application still holds its lock: nobody to wake.
+            if let Some(p) = &self.page {
+                p.clear_holder(self.record);
+            }
             let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
             return;
         }
         // LOCK_UN on a valid descriptor does not fail; if it ever did,
-        // close() releases it.
+        // close() releases it. The record is cleared after (if nobody took
+        // the lock meanwhile): a contender that finds the lock held and the
+        // record set knows the holder is no application of its own without
+        // looking through its descriptors.
         let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
         if let Some(p) = &self.page {
+            p.clear_holder(self.record);
             p.wake_next();
         }
     }
@@ -874,11 +889,14 @@ mod tests {
         let db = tmp().join("k.db");
         let mut a = LockFile::open(&db).unwrap();
         assert!(a.try_lock().unwrap());
-        let s = scan(a.key());
+        let none = Default::default();
+        let s = scan(a.key(), &none);
         assert!(s.extension_holds && !s.application_holds, "{s:?}");
+        let s = scan(a.key(), &process::registered_fds());
+        assert_eq!(s, Scan::default(), "this copy's own are passed over");
         a.unlock();
         let app = app_lock(&db);
-        let s = scan(a.key());
+        let s = scan(a.key(), &none);
         assert!(!s.extension_holds && s.application_holds, "{s:?}");
         drop(app);
     }

@@ -50,9 +50,11 @@ pub const PAGE_LEN: usize = 16 * 1024;
 // Header fields (byte offsets).
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 4;
-/// The holder word: `pid << 32 | token << 8 | flags` (see [`HolderRecord`]),
-/// 0 when nobody of the extension holds the lock. One word, so a borrower's
-/// compare-and-swap covers who and how at once.
+/// The holder word: `pid << 32 | token << 16 | seq << 8 | flags` (see
+/// [`HolderRecord`]), 0 when nobody of the extension holds the lock. One
+/// word, so a borrower's compare-and-swap covers who and how at once, and a
+/// holder clearing its record after letting go never clears the record of
+/// the next holder, even one of its own process and copy (`seq` differs).
 const OFF_HOLDER: usize = 8;
 const OFF_HOLDER_SINCE_MS: usize = 16;
 /// Occupied waiter slots (a hint: 0 lets a releaser skip the scan).
@@ -97,8 +99,10 @@ pub mod flags {
 pub struct HolderRecord {
     /// The holding process.
     pub pid: u32,
-    /// Which copy of the extension in that process (24 random bits).
+    /// Which copy of the extension in that process (16 random bits).
     pub token: u32,
+    /// Which acquisition (wraps at 256).
+    pub seq: u32,
     /// [`flags`] bits.
     pub flags: u32,
     /// When it took the lock (milliseconds since the epoch; informative).
@@ -106,17 +110,26 @@ pub struct HolderRecord {
 }
 
 impl HolderRecord {
-    fn word(pid: u32, token: u32, flags: u32) -> u64 {
-        (pid as u64) << 32 | ((token & 0xFF_FFFF) as u64) << 8 | (flags & 0xFF) as u64
+    fn word(pid: u32, token: u32, seq: u32, flags: u32) -> u64 {
+        (pid as u64) << 32
+            | ((token & 0xFFFF) as u64) << 16
+            | ((seq & 0xFF) as u64) << 8
+            | (flags & 0xFF) as u64
     }
 
     fn from_word(w: u64, since_ms: u64) -> Option<HolderRecord> {
         (w != 0).then_some(HolderRecord {
             pid: (w >> 32) as u32,
-            token: (w >> 8) as u32 & 0xFF_FFFF,
+            token: (w >> 16) as u32 & 0xFFFF,
+            seq: (w >> 8) as u32 & 0xFF,
             flags: w as u32 & 0xFF,
             since_ms,
         })
+    }
+
+    /// The word this record was read from.
+    pub fn as_word(&self) -> u64 {
+        HolderRecord::word(self.pid, self.token, self.seq, self.flags)
     }
 }
 
@@ -230,6 +243,9 @@ pub struct Page {
     map: sys::Mapping,
     file: File,
     key: (u64, u64),
+    /// When this process last logged who holds the lock (ms since the epoch):
+    /// once a second per database and process, however many connections.
+    last_busy_log: AtomicU64,
 }
 
 impl Page {
@@ -267,6 +283,7 @@ impl Page {
             map,
             key: (meta.dev(), meta.ino()),
             file,
+            last_busy_log: AtomicU64::new(0),
         })
     }
 
@@ -314,54 +331,70 @@ impl Page {
         )
     }
 
-    /// Record `(pid, token, flags)` as the holder, replacing `seen` (what was
-    /// read before); false if it changed meanwhile. A borrower must win this
-    /// race: two handles may find the application's lock at once.
-    pub fn claim(&self, seen: Option<HolderRecord>, pid: u32, token: u32, flags: u32) -> bool {
-        let old = seen.map_or(0, |h| HolderRecord::word(h.pid, h.token, h.flags));
-        let ok = self
-            .map
-            .u64_at(OFF_HOLDER)
-            .compare_exchange(
-                old,
-                HolderRecord::word(pid, token, flags),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok();
-        if ok {
-            self.acquired();
-        }
-        ok
+    fn next_seq(&self) -> u32 {
+        self.map
+            .u64_at(OFF_ACQUISITIONS)
+            .fetch_add(1, Ordering::Relaxed) as u32
     }
 
-    /// Record `(pid, token, flags)` as the holder unconditionally: it holds
-    /// the `flock`, so nobody else can be the holder.
-    pub fn set_holder(&self, pid: u32, token: u32, flags: u32) {
+    /// Record `(pid, token, flags)` as the holder, replacing `seen` (what was
+    /// read before); the word set, or `None` if it changed meanwhile. A
+    /// borrower must win this race: two handles may find the application's
+    /// lock at once.
+    pub fn claim(
+        &self,
+        seen: Option<HolderRecord>,
+        pid: u32,
+        token: u32,
+        flags: u32,
+    ) -> Option<u64> {
+        let old = seen.map_or(0, |h| h.as_word());
+        let new = HolderRecord::word(pid, token, self.next_seq(), flags);
         self.map
             .u64_at(OFF_HOLDER)
-            .store(HolderRecord::word(pid, token, flags), Ordering::Release);
-        self.acquired();
+            .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        self.since_now();
+        Some(new)
     }
 
-    fn acquired(&self) {
+    /// Record `(pid, token, flags)` as the holder unconditionally (it holds
+    /// the `flock`, so nobody else can be the holder); the word set.
+    pub fn set_holder(&self, pid: u32, token: u32, flags: u32) -> u64 {
+        let new = HolderRecord::word(pid, token, self.next_seq(), flags);
+        self.map.u64_at(OFF_HOLDER).store(new, Ordering::Release);
+        self.since_now();
+        new
+    }
+
+    fn since_now(&self) {
         self.map
             .u64_at(OFF_HOLDER_SINCE_MS)
             .store(now_ms(), Ordering::Relaxed);
-        self.map
-            .u64_at(OFF_ACQUISITIONS)
-            .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Clear the record if it still names `(pid, token)`, whatever its flags.
-    pub fn clear_holder(&self, pid: u32, token: u32) {
-        let w = self.map.u64_at(OFF_HOLDER);
-        let cur = w.load(Ordering::Acquire);
-        if HolderRecord::from_word(cur, 0)
-            .is_some_and(|h| h.pid == pid && h.token == token & 0xFF_FFFF)
-        {
-            let _ = w.compare_exchange(cur, 0, Ordering::AcqRel, Ordering::Relaxed);
-        }
+    /// Clear the record if it is still `word` (what `set_holder` or `claim`
+    /// returned).
+    pub fn clear_holder(&self, word: u64) {
+        let _ = self.map.u64_at(OFF_HOLDER).compare_exchange(
+            word,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether this process may log who holds the lock now (at most once a
+    /// second per database, whatever the number of connections): the look
+    /// reads `/proc/locks`, which stalls every lock call in the system.
+    pub fn may_log_busy(&self) -> bool {
+        let now = now_ms();
+        let last = self.last_busy_log.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_busy_log
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     }
 
     // ---- waiter slots ---------------------------------------------------
@@ -608,16 +641,23 @@ mod tests {
         let b = Page::for_lock_file(&lp, 0o644).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.holder(), None);
-        a.set_holder(42, 7, 0);
+        let w42 = a.set_holder(42, 7, 0);
         assert!(a.holder().unwrap().since_ms > 0);
         let h = b.holder().unwrap();
         assert_eq!((h.pid, h.token, h.flags), (42, 7, 0));
-        assert!(!b.claim(None, 43, 1, flags::BORROWED), "it changed");
-        assert!(b.claim(Some(h), 43, 1, flags::BORROWED));
-        b.clear_holder(42, 7); // not the holder any more: no effect
+        assert_eq!(b.claim(None, 43, 1, flags::BORROWED), None, "it changed");
+        let w43 = b.claim(Some(h), 43, 1, flags::BORROWED).unwrap();
+        b.clear_holder(w42); // not the holder any more: no effect
         assert_eq!(a.holder().unwrap().pid, 43);
-        a.clear_holder(43, 1);
+        a.clear_holder(w43);
         assert_eq!(a.holder(), None);
+        // The same process and copy again: the old word does not clear it.
+        let first = a.set_holder(42, 7, 0);
+        a.clear_holder(first);
+        let second = a.set_holder(42, 7, 0);
+        a.clear_holder(first);
+        assert!(a.holder().is_some(), "{first:x} {second:x}");
+        a.clear_holder(second);
         assert_eq!(peek(&lp).unwrap(), Snapshot::default());
     }
 

@@ -182,6 +182,21 @@ pub fn forget_fd(fd: RawFd) {
     });
 }
 
+/// The descriptors registered now (a snapshot).
+pub fn registered_fds() -> std::collections::HashSet<RawFd> {
+    let mut set = std::collections::HashSet::new();
+    for_each_chunk(|c| {
+        set.extend(
+            c.fds
+                .iter()
+                .map(|s| s.load(Ordering::Acquire))
+                .filter(|&fd| fd >= 0),
+        );
+        false
+    });
+    set
+}
+
 /// This process's pid (cached; kept right across `fork()`).
 pub fn pid() -> u32 {
     if HANDLER.load(Ordering::Acquire) {

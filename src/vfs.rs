@@ -112,6 +112,10 @@ fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int 
     ) {
         (true, _, _) => Some(Want::Flock),
         (_, true, _) => Some(Want::Readers),
+        // A writer queued for the flock whose retry meets the committing
+        // writer's pending marker keeps its place in the queue: it wants the
+        // flock anyway, and the committer's release wakes the oldest waiter.
+        (_, _, true) if st.queued() => Some(Want::Flock),
         (_, _, true) => Some(Want::Writer),
         _ => None,
     };
@@ -128,8 +132,9 @@ fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int 
     }
     st.settle(m);
     let unlogged = st.p.unlogged.take();
-    let refused = (events & event::REFUSED != 0)
-        .then(|| (st.p.label.clone(), st.p.flock().path().to_path_buf()));
+    let refused = (events & event::REFUSED != 0
+        && st.p.flock().page().is_none_or(|p| p.may_log_busy()))
+    .then(|| (st.p.label.clone(), st.p.flock().path().to_path_buf()));
     drop(st);
     if let Some((code, msg)) = unlogged {
         crate::log_error(code, &msg);

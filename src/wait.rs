@@ -168,6 +168,11 @@ impl State {
         self.p.flock().page().cloned()
     }
 
+    /// Whether the handle is queued for the flock (owns a waiter slot).
+    pub fn queued(&self) -> bool {
+        self.w.slot.is_some()
+    }
+
     /// Give the waiter slot up (granted, holding, closing).
     pub fn free_slot(&mut self) {
         if let (Some(s), Some(page)) = (self.w.slot.take(), self.page()) {

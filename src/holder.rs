@@ -9,10 +9,14 @@
 //!
 //! `/proc/locks` names a file by `major:minor:inode` as the kernel's lock
 //! code sees it, which is not always what `stat()` reports (btrfs subvolumes
-//! and overlayfs give `stat()` other device numbers). So the file's name in
-//! the table is learnt from the table itself: an OFD read lock taken for an
+//! give `stat()` a device number of their own). So the file's name in the
+//! table is learnt from the table itself: an OFD read lock taken for an
 //! instant on a byte nobody else uses shows up in `/proc/locks` under exactly
-//! that name ([`kernel_name`]).
+//! that name ([`kernel_name`]). Even that name is not unique on btrfs: every
+//! subvolume numbers its inodes from 256 under the filesystem's one device,
+//! so two files can share it. Each candidate holder is therefore checked in
+//! `/proc/<pid>/fd` for a descriptor of *our* file (by `stat()`), and a
+//! candidate that has none is not the holder.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -119,19 +123,90 @@ pub struct Holder {
     pub held_for: Option<Duration>,
 }
 
+/// Whether process `pid` has a descriptor of the file `(dev, ino)` (as
+/// `stat()` names it) whose description holds a `flock` write lock (when
+/// `holding`), or any descriptor of it. `None` when its descriptors cannot
+/// be read (another user's process).
+fn has_descriptor(pid: u32, file: (u64, u64), holding: bool) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let mut readable = false;
+    for e in dir.flatten() {
+        readable = true;
+        let Ok(m) = std::fs::metadata(e.path()) else {
+            continue;
+        };
+        if (m.dev(), m.ino()) != file {
+            continue;
+        }
+        if !holding {
+            return Some(true);
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if info
+            .lines()
+            .any(|l| l.starts_with("lock:") && l.contains("FLOCK") && l.contains("WRITE"))
+        {
+            return Some(true);
+        }
+    }
+    readable.then_some(false)
+}
+
+/// Of the pids `/proc/locks` gives for a name, those that hold (or wait
+/// for) *our* file: the ones that have a descriptor of it, or, for pids we
+/// may not look into, all of them when there is no better answer.
+fn ours(pids: Vec<u32>, file: (u64, u64), holding: bool) -> Vec<u32> {
+    let checked: Vec<(u32, Option<bool>)> = pids
+        .into_iter()
+        .map(|p| (p, has_descriptor(p, file, holding)))
+        .collect();
+    let sure: Vec<u32> = checked
+        .iter()
+        .filter(|c| c.1 == Some(true))
+        .map(|c| c.0)
+        .collect();
+    if !sure.is_empty() {
+        return sure;
+    }
+    checked
+        .into_iter()
+        .filter(|c| c.1.is_none())
+        .map(|c| c.0)
+        .collect()
+}
+
+/// The pids of every exclusive `flock` (granted) on the file `name`.
+fn flock_holders_in(proc_locks: &str, name: &KernelName) -> Vec<u32> {
+    lines(proc_locks)
+        .filter(|l| !l.blocked && l.kind == "FLOCK" && l.mode == "WRITE" && l.file == name.0)
+        .filter_map(|l| u32::try_from(l.pid).ok())
+        .collect()
+}
+
 /// The holder and the blocked `flock` waiters of `lock_path` now, from one
 /// read of `/proc/locks` (None: no lock file, or unreadable).
 pub fn holder_and_waiters(lock_path: &Path) -> Option<(Option<Holder>, Vec<u32>)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(lock_path).ok()?;
+    let file = (meta.dev(), meta.ino());
     let name = kernel_name(lock_path)?;
     let text = std::fs::read_to_string("/proc/locks").ok()?;
-    let waiters = flock_waiters_in(&text, &name);
-    let holder = flock_holder_in(&text, &name).map(|pid| {
-        let held_for = crate::page::peek(lock_path)
-            .and_then(|s| s.holder)
-            .filter(|h| h.pid == pid)
-            .map(|h| Duration::from_millis(crate::page::now_ms().saturating_sub(h.since_ms)));
-        Holder { pid, held_for }
-    });
+    let waiters = ours(flock_waiters_in(&text, &name), file, false);
+    let holder = ours(flock_holders_in(&text, &name), file, true)
+        .first()
+        .copied()
+        .map(|pid| {
+            let held_for = crate::page::peek(lock_path)
+                .and_then(|s| s.holder)
+                .filter(|h| h.pid == pid)
+                .map(|h| Duration::from_millis(crate::page::now_ms().saturating_sub(h.since_ms)));
+            Holder { pid, held_for }
+        });
     Some((holder, waiters))
 }
 

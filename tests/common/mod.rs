@@ -135,6 +135,60 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Debian's `/usr/bin/python3` (whose `sqlite3` module can load extensions,
+/// on the system SQLite the `sqlite3` shell uses too), or `None` with a note
+/// on stderr when it is missing or cannot load extensions: callers skip.
+pub fn system_python() -> Option<PathBuf> {
+    static PY: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PY.get_or_init(|| {
+        let py = PathBuf::from("/usr/bin/python3");
+        let ok = py.exists()
+            && Command::new(&py)
+                .args([
+                    "-c",
+                    "import sqlite3; sqlite3.connect(':memory:').enable_load_extension(True)",
+                ])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("note: /usr/bin/python3 is missing or cannot load extensions");
+        }
+        ok.then_some(py)
+    })
+    .clone()
+}
+
+/// The Python of a venv with `apsw` (its own bundled SQLite) beside Debian's
+/// stdlib `sqlite3`, created under `target/apsw-venv` on first use
+/// (`python3 -m venv`, `pip install apsw`). `None` when there is no
+/// [`system_python`].
+pub fn apsw_python() -> Option<PathBuf> {
+    static PY: OnceLock<Option<PathBuf>> = OnceLock::new();
+    PY.get_or_init(|| {
+        let py = system_python()?;
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/apsw-venv");
+        let vpy = venv.join("bin/python");
+        if !vpy.exists() {
+            let ok = Command::new(&py).args(["-m", "venv"]).arg(&venv).status();
+            assert!(ok.unwrap().success(), "python3 -m venv failed");
+        }
+        let has = Command::new(&vpy)
+            .args(["-c", "import apsw"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has {
+            let ok = Command::new(&vpy)
+                .args(["-m", "pip", "install", "-q", "apsw"])
+                .status();
+            assert!(ok.unwrap().success(), "pip install apsw failed");
+        }
+        Some(vpy)
+    })
+    .clone()
+}
+
 /// A `flock(1)` process holding `LOCK_EX` on a file until [`FlockHolder::release`].
 pub struct FlockHolder {
     child: Child,
@@ -209,6 +263,39 @@ impl Shell {
         db: &Path,
         mode: Mode,
     ) -> Shell {
+        Shell::spawn(wrapper, env, db, mode, false).0
+    }
+
+    /// [`Shell::start_env`], but with `-cmd '.log stderr'` before `.load` (so
+    /// SQLite's log — where the extension's warnings go — reaches stderr) and
+    /// stderr on a pipe of its own: the channel receives its lines as they
+    /// come. stdout still carries results and the markers of [`Shell::run`].
+    pub fn start_logging(
+        env: &[(&str, &str)],
+        db: &Path,
+        mode: Mode,
+    ) -> (Shell, std::sync::mpsc::Receiver<String>) {
+        let (sh, stderr) = Shell::spawn(&[], env, db, mode, true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = stderr.expect("stderr is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (sh, rx)
+    }
+
+    fn spawn(
+        wrapper: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+        db: &Path,
+        mode: Mode,
+        log_to_own_stderr: bool,
+    ) -> (Shell, Option<std::process::ChildStderr>) {
         let mut cmd = match wrapper.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
@@ -218,6 +305,9 @@ impl Shell {
             None => Command::new("sqlite3"),
         };
         cmd.arg("-batch").arg("-noheader").arg("-list");
+        if log_to_own_stderr {
+            cmd.arg("-cmd").arg(".log stderr");
+        }
         if mode == Mode::Writelock {
             cmd.arg("-cmd")
                 .arg(format!(".load {}", so_path().display()));
@@ -225,20 +315,27 @@ impl Shell {
         cmd.arg("-cmd").arg(format!(".open {}", db.display()));
         cmd.envs(env.iter().copied());
         let (r, w) = std::io::pipe().unwrap();
+        if log_to_own_stderr {
+            cmd.stdout(w).stderr(Stdio::piped());
+        } else {
+            cmd.stdout(w.try_clone().unwrap()).stderr(w);
+        }
         let mut child = cmd
             .stdin(Stdio::piped())
-            .stdout(w.try_clone().unwrap())
-            .stderr(w)
             .spawn()
             .expect("the sqlite3 shell is needed (apt-get install sqlite3)");
         drop(cmd);
         let stdin = child.stdin.take().unwrap();
-        Shell {
-            child,
-            stdin,
-            stdout: BufReader::new(r),
-            marker: 0,
-        }
+        let stderr = child.stderr.take();
+        (
+            Shell {
+                child,
+                stdin,
+                stdout: BufReader::new(r),
+                marker: 0,
+            },
+            stderr,
+        )
     }
 
     fn send(&mut self, s: &str) {

@@ -1334,9 +1334,11 @@ fn a_refusal_does_not_read_proc_locks() {
         ];
         let mut sh = Shell::start_wrapped(&wrapper, &db, Mode::Writelock);
         sh.run(".timeout 0");
-        // `.read` of a missing file: an openat() that marks the trace.
+        // `.read` of an empty file: an openat() that marks the trace.
         let before = dir.path().join("marker-before-refusal");
         let after = dir.path().join("marker-after-refusal");
+        std::fs::File::create(&before).unwrap();
+        std::fs::File::create(&after).unwrap();
         sh.run(&format!(".read {}", before.display()));
         let out = sh.run("BEGIN IMMEDIATE;");
         sh.run(&format!(".read {}", after.display()));

@@ -1278,7 +1278,10 @@ fn database_is_locked_arrives_soon_after_busy_timeout() {
                 stock.finish();
                 let mut sh = Shell::start(&db, Mode::Writelock);
                 let mut seen = Vec::new();
-                for ms in [1000u64, 5000] {
+                // 10 s as well: a wait that adds a little per sleep (SQLite
+                // sleeps 100 ms at a time) grows with the timeout — by 85 ms
+                // at 5 s on a busy machine, 200 ms on an idle one.
+                for ms in [1000u64, 5000, 10000] {
                     sh.run(&format!(".timeout {ms}"));
                     let t0 = Instant::now();
                     let out = sh.run("BEGIN IMMEDIATE;");

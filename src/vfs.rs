@@ -39,6 +39,9 @@ pub(crate) struct FileState {
     pub journal_path: PathBuf,
     /// Whether the fail-closed error was already logged (log once per handle).
     pub logged: AtomicBool,
+    /// The database path is a device, FIFO or socket: refused (`lock` holds
+    /// why), and never read, so that the open gets as far as reporting it.
+    pub not_regular: bool,
     /// The lock state, or why the lock file could not be used (fail closed).
     pub lock: Result<Option<Shared>, String>,
 }
@@ -318,8 +321,16 @@ unsafe extern "C" fn x_read(
     n: c_int,
     off: i64,
 ) -> c_int {
-    // SAFETY: delegation with SQLite's own arguments to the inner file.
+    // SAFETY: delegation with SQLite's own arguments to the inner file; for
+    // a refused non-regular path, `buf` is SQLite's buffer of `n` bytes.
     guard(ffi::SQLITE_IOERR_READ, || unsafe {
+        if state(f).not_regular {
+            // Read as empty (a FIFO would fail the read, a device give
+            // anything): the open then reaches the check that names the
+            // path, and nothing is read from it.
+            ptr::write_bytes(buf as *mut u8, 0, n.max(0) as usize);
+            return ffi::SQLITE_IOERR_SHORT_READ;
+        }
         inner_call!(f, xRead, buf, n, off)
     })
 }
@@ -362,6 +373,10 @@ unsafe extern "C" fn x_sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
 unsafe extern "C" fn x_file_size(f: *mut ffi::sqlite3_file, out: *mut i64) -> c_int {
     // SAFETY: delegation; `out` is SQLite's.
     guard(ffi::SQLITE_IOERR_FSTAT, || unsafe {
+        if state(f).not_regular {
+            *out = 0;
+            return ffi::SQLITE_OK;
+        }
         inner_call!(f, xFileSize, out)
     })
 }
@@ -793,6 +808,7 @@ unsafe extern "C" fn v_open(
                 }
                 return rc;
             }
+            let not_regular = std::fs::metadata(&db).is_ok_and(|m| !m.file_type().is_file());
             let needed = needs_lock_file(name, oflags);
             let lock = if needed {
                 // Fail closed: the handle opens (so the connection can report
@@ -816,6 +832,7 @@ unsafe extern "C" fn v_open(
                 lock_path: needed.then(|| lock_path_for(&db)),
                 journal_path: PathBuf::from(journal),
                 logged: AtomicBool::new(false),
+                not_regular: not_regular && lock.is_err(),
                 lock,
             }));
             (*sf).base.pMethods = &METHODS[(version - 1) as usize];

@@ -109,23 +109,53 @@ pub fn lock_path_for(db_path: &Path) -> PathBuf {
 }
 
 /// The database path as SQLite's unix VFS makes it before it opens a file:
-/// absolute, with every symlink resolved (a database reached through a link
-/// is locked at `<resolved path>.lock`). A last component that does not
-/// exist yet is kept as it is. Tools use this to name the lock file the
-/// connections use.
+/// absolute, `.` and `..` folded, every symlink resolved component by
+/// component — a dangling one too: a link to a database that does not exist
+/// yet names the file SQLite will create, and so the lock file the
+/// connections will use (`<resolved path>.lock`). Components that do not
+/// exist are kept as they are. Tools use this to name that lock file.
 pub fn resolve_db_path(p: &Path) -> io::Result<PathBuf> {
-    match std::fs::canonicalize(p) {
-        Ok(r) => Ok(r),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let name = p.file_name().ok_or(e)?;
-            let parent = match p.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            Ok(std::fs::canonicalize(parent)?.join(name))
+    use std::path::Component;
+    let mut out = if p.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir()?
+    };
+    // Components still to append, the next one last.
+    let mut todo: Vec<std::ffi::OsString> = Vec::new();
+    let push = |todo: &mut Vec<std::ffi::OsString>, path: &Path| {
+        for c in path.components().rev() {
+            match c {
+                Component::Normal(n) => todo.push(n.to_owned()),
+                Component::ParentDir => todo.push("..".into()),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
         }
-        Err(e) => Err(e),
+    };
+    push(&mut todo, p);
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        if c == ".." {
+            out.pop();
+            continue;
+        }
+        let next = out.join(&c);
+        match std::fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 100 {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let target = std::fs::read_link(&next)?;
+                if target.is_absolute() {
+                    out = PathBuf::from("/");
+                }
+                push(&mut todo, &target);
+            }
+            _ => out = next,
+        }
     }
+    Ok(out)
 }
 
 /// What kind of file a path names, for messages ("a directory").
@@ -199,6 +229,9 @@ pub struct LockCounters {
     pub borrows: u64,
     /// Times it moved to a fresh `<db>.lock` (the old one was deleted or replaced).
     pub reopens: u64,
+    /// Times it got the fresh file's flock but waited for a writer still
+    /// holding the old one.
+    pub split_waits: u64,
 }
 
 /// An open `<db>.lock`, with its own open file description: two handles in
@@ -494,6 +527,21 @@ impl LockFile {
         Ok(())
     }
 
+    /// Whether the holder record names a live holder of *another* lock file
+    /// than ours: `<db>.lock` was deleted or replaced while that holder was a
+    /// writer, and it still is. Newcomers on the fresh file must wait for it
+    /// (it cannot see them, nor they its flock), so every check that asks
+    /// "is the lock held elsewhere" also asks this.
+    fn split_holder(&self) -> bool {
+        let Some(h) = self.page.as_ref().and_then(|p| p.holder()) else {
+            return false;
+        };
+        h.flags & flags::RELEASING == 0
+            && h.file != (0, 0)
+            && h.file != self.key
+            && (h.pid == process::pid() || process::alive(h.pid))
+    }
+
     /// Whether the file open here is no longer linked anywhere: `<db>.lock`
     /// was deleted, or replaced by a rename over it. (Renaming it *away* keeps
     /// it linked and is not noticed: do not do that.)
@@ -576,6 +624,13 @@ impl LockFile {
                         self.reopen()?;
                         continue;
                     }
+                    if self.split_holder() {
+                        // A live holder of the deleted or replaced lock file
+                        // is still in its transaction: wait for it.
+                        let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+                        self.counters.split_waits += 1;
+                        return Ok(false);
+                    }
                     self.hold = Hold::Own;
                     if let Some(p) = &self.page {
                         let f = if self.opener == Opener::Tool {
@@ -583,7 +638,7 @@ impl LockFile {
                         } else {
                             0
                         };
-                        self.record = p.set_holder(process::pid(), token(), f);
+                        self.record = p.set_holder(process::pid(), token(), f, self.key);
                     }
                     return Ok(true);
                 }
@@ -613,7 +668,9 @@ impl LockFile {
         let me = process::pid();
         let seen = self.page.as_ref().and_then(|p| p.holder());
         if let Some(h) = seen {
-            if h.flags & flags::TOOL == 0 {
+            // A tool's lock may be this process's to borrow; a record of a
+            // holder letting go says nothing about who holds it now.
+            if h.flags & (flags::TOOL | flags::RELEASING) == 0 {
                 if h.pid == me && h.token == token() {
                     return Ok(false); // another handle of this copy holds it
                 }
@@ -630,7 +687,7 @@ impl LockFile {
         if self.ofd_lock(BORROW_BYTE, libc::F_WRLCK)? {
             let claimed = match &self.page {
                 None => true,
-                Some(p) => match p.claim(seen, me, token(), flags::BORROWED) {
+                Some(p) => match p.claim(seen, me, token(), flags::BORROWED, self.key) {
                     Some(w) => {
                         self.record = w;
                         true
@@ -667,14 +724,16 @@ impl LockFile {
             let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
             return;
         }
+        // The record is marked as letting go before LOCK_UN and cleared
+        // after (if nobody took the lock meanwhile): a contender that finds
+        // the lock held and the record set, unmarked, knows the holder is no
+        // application of its own without looking through its descriptors.
         // LOCK_UN on a valid descriptor does not fail; if it ever did,
-        // close() releases it. The record is cleared after (if nobody took
-        // the lock meanwhile): a contender that finds the lock held and the
-        // record set knows the holder is no application of its own without
-        // looking through its descriptors.
+        // close() releases it.
+        let marked = self.page.as_ref().map(|p| p.releasing(self.record));
         let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
-        if let Some(p) = &self.page {
-            p.clear_holder(self.record);
+        if let (Some(p), Some(w)) = (&self.page, marked) {
+            p.clear_holder(w);
             p.wake_next();
         }
     }
@@ -711,15 +770,17 @@ impl LockFile {
     }
 
     /// Whether another handle holds the pending byte (a writer waits for
-    /// EXCLUSIVE). Asks with `F_OFD_GETLK`, which takes nothing.
+    /// EXCLUSIVE). Asks with `F_OFD_GETLK`, which takes nothing. A writer of
+    /// a deleted or replaced lock file counts too (see `split_holder`):
+    /// readers wait for it.
     pub fn pending_elsewhere(&mut self) -> Result<bool, LockError> {
-        self.ofd_conflicts(PENDING_BYTE)
+        Ok(self.ofd_conflicts(PENDING_BYTE)? || self.split_holder())
     }
 
     /// Whether a shadow read lock would be refused now: a writer waits for
     /// or holds EXCLUSIVE (pending byte or shadow write lock elsewhere).
     pub fn read_blocked(&mut self) -> Result<bool, LockError> {
-        Ok(self.ofd_conflicts(PENDING_BYTE)? || self.ofd_conflicts(SHADOW_BYTE)?)
+        Ok(self.pending_elsewhere()? || self.ofd_conflicts(SHADOW_BYTE)?)
     }
 
     /// Whether another description's OFD lock on `byte` refuses a read lock.
@@ -752,7 +813,7 @@ impl LockFile {
         match sys::flock(fd, libc::LOCK_SH | libc::LOCK_NB) {
             Ok(()) => {
                 let _ = sys::flock(fd, libc::LOCK_UN);
-                Ok(false)
+                Ok(self.split_holder())
             }
             Err(Errno::EWOULDBLOCK) => Ok(true),
             Err(errno) => Err(self.flock_error(errno)),
@@ -948,6 +1009,17 @@ mod tests {
         let new = resolve_db_path(&d.join("dirlink/new.db")).unwrap();
         assert_eq!(new, real.with_file_name("new.db"), "not created");
         assert!(!new.exists());
+        // A link to a database that does not exist yet: where SQLite creates it.
+        std::os::unix::fs::symlink("real/later.db", d.join("later.db")).unwrap();
+        assert_eq!(
+            resolve_db_path(&d.join("later.db")).unwrap(),
+            real.with_file_name("later.db")
+        );
+        assert_eq!(
+            resolve_db_path(&d.join("real/../link.db")).unwrap(),
+            real,
+            "dot-dot after a real directory"
+        );
     }
 
     #[test]

@@ -61,6 +61,10 @@ const OFF_HOLDER_SINCE_MS: usize = 16;
 const OFF_WAITING: usize = 28;
 /// Acquisitions by the extension's handles, ever (for tools).
 const OFF_ACQUISITIONS: usize = 32;
+/// Which `<db>.lock` the holder locked: its device and inode (see
+/// [`HolderRecord::file`]).
+const OFF_HOLDER_DEV: usize = 40;
+const OFF_HOLDER_INO: usize = 48;
 
 /// Waiter slots start here; each is [`SLOT_LEN`] bytes.
 const SLOTS_AT: usize = 4096;
@@ -92,6 +96,10 @@ pub mod flags {
     /// The holder is a tool (`writelock run`) whose command's connections
     /// may borrow its lock.
     pub const TOOL: u32 = 2;
+    /// The holder is letting go (set just before its `LOCK_UN`, cleared with
+    /// the record after): whoever finds the lock held now may be someone
+    /// else, so the record proves nothing about who.
+    pub const RELEASING: u32 = 4;
 }
 
 /// What the holder record says.
@@ -107,6 +115,10 @@ pub struct HolderRecord {
     pub flags: u32,
     /// When it took the lock (milliseconds since the epoch; informative).
     pub since_ms: u64,
+    /// Which `<db>.lock` it locked (device, inode): after the lock file was
+    /// deleted or replaced, holders of the old and the new file see each
+    /// other here.
+    pub file: (u64, u64),
 }
 
 impl HolderRecord {
@@ -117,13 +129,14 @@ impl HolderRecord {
             | (flags & 0xFF) as u64
     }
 
-    fn from_word(w: u64, since_ms: u64) -> Option<HolderRecord> {
+    fn from_word(w: u64, since_ms: u64, file: (u64, u64)) -> Option<HolderRecord> {
         (w != 0).then_some(HolderRecord {
             pid: (w >> 32) as u32,
             token: (w >> 16) as u32 & 0xFFFF,
             seq: (w >> 8) as u32 & 0xFF,
             flags: w as u32 & 0xFF,
             since_ms,
+            file,
         })
     }
 
@@ -324,11 +337,19 @@ impl Page {
 
     /// What the record says now (None: nobody of the extension holds).
     pub fn holder(&self) -> Option<HolderRecord> {
-        let w = self.map.u64_at(OFF_HOLDER).load(Ordering::Acquire);
-        HolderRecord::from_word(
-            w,
-            self.map.u64_at(OFF_HOLDER_SINCE_MS).load(Ordering::Relaxed),
-        )
+        let word = self.map.u64_at(OFF_HOLDER);
+        loop {
+            let w = word.load(Ordering::Acquire);
+            let since = self.map.u64_at(OFF_HOLDER_SINCE_MS).load(Ordering::Relaxed);
+            let file = (
+                self.map.u64_at(OFF_HOLDER_DEV).load(Ordering::Acquire),
+                self.map.u64_at(OFF_HOLDER_INO).load(Ordering::Acquire),
+            );
+            // The fields belong to the word if it did not change meanwhile.
+            if word.load(Ordering::Acquire) == w {
+                return HolderRecord::from_word(w, since, file);
+            }
+        }
     }
 
     fn next_seq(&self) -> u32 {
@@ -337,16 +358,29 @@ impl Page {
             .fetch_add(1, Ordering::Relaxed) as u32
     }
 
-    /// Record `(pid, token, flags)` as the holder, replacing `seen` (what was
-    /// read before); the word set, or `None` if it changed meanwhile. A
-    /// borrower must win this race: two handles may find the application's
-    /// lock at once.
+    fn describe(&self, file: (u64, u64)) {
+        self.map
+            .u64_at(OFF_HOLDER_DEV)
+            .store(file.0, Ordering::Release);
+        self.map
+            .u64_at(OFF_HOLDER_INO)
+            .store(file.1, Ordering::Release);
+        self.map
+            .u64_at(OFF_HOLDER_SINCE_MS)
+            .store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Record `(pid, token, flags)` as the holder of the lock file `file`,
+    /// replacing `seen` (what was read before); the word set, or `None` if
+    /// it changed meanwhile. A borrower must win this race: two handles may
+    /// find the application's lock at once.
     pub fn claim(
         &self,
         seen: Option<HolderRecord>,
         pid: u32,
         token: u32,
         flags: u32,
+        file: (u64, u64),
     ) -> Option<u64> {
         let old = seen.map_or(0, |h| h.as_word());
         let new = HolderRecord::word(pid, token, self.next_seq(), flags);
@@ -354,27 +388,36 @@ impl Page {
             .u64_at(OFF_HOLDER)
             .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
-        self.since_now();
+        self.describe(file);
         Some(new)
     }
 
-    /// Record `(pid, token, flags)` as the holder unconditionally (it holds
-    /// the `flock`, so nobody else can be the holder); the word set.
-    pub fn set_holder(&self, pid: u32, token: u32, flags: u32) -> u64 {
+    /// Record `(pid, token, flags)` as the holder of the lock file `file`
+    /// unconditionally (it holds the `flock`); the word set.
+    pub fn set_holder(&self, pid: u32, token: u32, flags: u32, file: (u64, u64)) -> u64 {
         let new = HolderRecord::word(pid, token, self.next_seq(), flags);
+        self.describe(file);
         self.map.u64_at(OFF_HOLDER).store(new, Ordering::Release);
-        self.since_now();
         new
     }
 
-    fn since_now(&self) {
-        self.map
-            .u64_at(OFF_HOLDER_SINCE_MS)
-            .store(now_ms(), Ordering::Relaxed);
+    /// Mark the record `word` as letting go ([`flags::RELEASING`]), if it is
+    /// still the record; the word to clear afterwards.
+    pub fn releasing(&self, word: u64) -> u64 {
+        let marked = word | flags::RELEASING as u64;
+        match self.map.u64_at(OFF_HOLDER).compare_exchange(
+            word,
+            marked,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => marked,
+            Err(_) => word,
+        }
     }
 
-    /// Clear the record if it is still `word` (what `set_holder` or `claim`
-    /// returned).
+    /// Clear the record if it is still `word` (what `set_holder`, `claim` or
+    /// `releasing` returned).
     pub fn clear_holder(&self, word: u64) {
         let _ = self.map.u64_at(OFF_HOLDER).compare_exchange(
             word,
@@ -608,7 +651,11 @@ pub fn peek(lock_path: &Path) -> Option<Snapshot> {
     if u32_at(OFF_MAGIC) != MAGIC {
         return None;
     }
-    let holder = HolderRecord::from_word(u64_at(OFF_HOLDER), u64_at(OFF_HOLDER_SINCE_MS));
+    let holder = HolderRecord::from_word(
+        u64_at(OFF_HOLDER),
+        u64_at(OFF_HOLDER_SINCE_MS),
+        (u64_at(OFF_HOLDER_DEV), u64_at(OFF_HOLDER_INO)),
+    );
     let now = mono_ns();
     let mut waiters: Vec<(u32, u64)> = (0..SLOTS)
         .filter_map(|i| {
@@ -641,23 +688,31 @@ mod tests {
         let b = Page::for_lock_file(&lp, 0o644).unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.holder(), None);
-        let w42 = a.set_holder(42, 7, 0);
+        let w42 = a.set_holder(42, 7, 0, (1, 2));
         assert!(a.holder().unwrap().since_ms > 0);
         let h = b.holder().unwrap();
-        assert_eq!((h.pid, h.token, h.flags), (42, 7, 0));
-        assert_eq!(b.claim(None, 43, 1, flags::BORROWED), None, "it changed");
-        let w43 = b.claim(Some(h), 43, 1, flags::BORROWED).unwrap();
+        assert_eq!((h.pid, h.token, h.flags, h.file), (42, 7, 0, (1, 2)));
+        assert_eq!(
+            b.claim(None, 43, 1, flags::BORROWED, (1, 2)),
+            None,
+            "it changed"
+        );
+        let w43 = b.claim(Some(h), 43, 1, flags::BORROWED, (1, 3)).unwrap();
+        assert_eq!(a.holder().unwrap().file, (1, 3));
         b.clear_holder(w42); // not the holder any more: no effect
         assert_eq!(a.holder().unwrap().pid, 43);
         a.clear_holder(w43);
         assert_eq!(a.holder(), None);
         // The same process and copy again: the old word does not clear it.
-        let first = a.set_holder(42, 7, 0);
+        let first = a.set_holder(42, 7, 0, (1, 2));
         a.clear_holder(first);
-        let second = a.set_holder(42, 7, 0);
+        let second = a.set_holder(42, 7, 0, (1, 2));
         a.clear_holder(first);
         assert!(a.holder().is_some(), "{first:x} {second:x}");
-        a.clear_holder(second);
+        // Letting go: marked, then cleared.
+        let marked = a.releasing(second);
+        assert_ne!(a.holder().unwrap().flags & flags::RELEASING, 0);
+        a.clear_holder(marked);
         assert_eq!(peek(&lp).unwrap(), Snapshot::default());
     }
 

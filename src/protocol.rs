@@ -122,6 +122,10 @@ mod why {
 /// A write intent not turned into a write within this long is released.
 pub const INTENT_TTL: Duration = Duration::from_millis(100);
 
+/// A checkpoint this soon after the handle's commit is that commit's
+/// automatic checkpoint (SQLite runs it right after, on the same thread).
+const AUTO_CHECKPOINT_WINDOW: Duration = Duration::from_millis(5);
+
 const SLOT_WRITE: u32 = 1 << 0;
 const SLOT_CKPT: u32 = 1 << 1;
 /// WAL read-mark slots (3..8): holding one means a read transaction is open.
@@ -182,6 +186,8 @@ pub struct Protocol<F> {
     /// The checkpoint lock is held without the flock (see
     /// [`Self::checkpoint_without_flock`]).
     ckpt_unlocked: bool,
+    /// When the handle last let go of the WAL write lock (a commit ended).
+    write_ended: Option<Instant>,
     last_attempt: Option<Instant>,
     held_since: Option<Instant>,
     /// The hold that was warned about already (its start).
@@ -224,6 +230,7 @@ impl<F: WriterFlock> Protocol<F> {
             wal: false,
             checkpoint_wait: None,
             ckpt_unlocked: false,
+            write_ended: None,
             last_attempt: None,
             held_since: None,
             warned_hold: None,
@@ -627,6 +634,12 @@ impl<F: WriterFlock> Protocol<F> {
         }
     }
 
+    /// Whether the handle holds the flock as a writer (not only as an
+    /// intent): the write it waited for is under way.
+    pub fn writing(&self) -> bool {
+        self.held && self.why & !why::INTENT != 0
+    }
+
     /// Whether the flock is held as an unused write intent only.
     pub fn has_pure_intent(&self) -> bool {
         self.why == why::INTENT
@@ -701,7 +714,18 @@ impl<F: WriterFlock> Protocol<F> {
                         // try, no busy handler): nothing a writer needs is
                         // held. The shim queues for it and calls again.
                         if rc == ffi::SQLITE_BUSY && reason == why::WAL_CKPT && !reading {
-                            self.checkpoint_wait = Some(self.options.checkpoint_wait);
+                            // Only the commit's own auto-checkpoint queues:
+                            // an explicit blocking one waits through its
+                            // busy handler at the WAL write lock (exactly its
+                            // busy_timeout, as stock), a passive one never.
+                            let auto = self
+                                .write_ended
+                                .is_some_and(|t| t.elapsed() < AUTO_CHECKPOINT_WINDOW);
+                            self.checkpoint_wait = Some(if auto {
+                                self.options.checkpoint_wait
+                            } else {
+                                Duration::ZERO
+                            });
                         }
                         return rc;
                     }
@@ -742,6 +766,9 @@ impl<F: WriterFlock> Protocol<F> {
 
     fn sync_shm_reasons(&mut self) {
         if self.shm_excl & SLOT_WRITE == 0 {
+            if self.why & why::WAL_WRITE != 0 {
+                self.write_ended = Some(Instant::now());
+            }
             self.leave(why::WAL_WRITE);
         }
         if self.shm_excl & SLOT_CKPT == 0 {

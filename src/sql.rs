@@ -118,10 +118,7 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
         let o = entry.as_object_mut().expect("object literal");
         match vfs::report(file_of(db, &schema)) {
             Some(r) => {
-                o.insert(
-                    "protected".into(),
-                    json!(r.lock_path.is_some() && r.error.is_none()),
-                );
+                o.insert("protected".into(), json!(r.protected));
                 o.insert(
                     "lock_file".into(),
                     json!(r.lock_path.as_deref().map(vfs::display_path)),
@@ -144,6 +141,7 @@ unsafe fn status(db: *mut ffi::sqlite3) -> Value {
                 o.insert("scans".into(), json!(l.scans));
                 o.insert("borrows".into(), json!(l.borrows));
                 o.insert("reopens".into(), json!(l.reopens));
+                o.insert("split_waits".into(), json!(l.split_waits));
                 let holder = r
                     .lock_path
                     .as_deref()

@@ -33,7 +33,8 @@ pub const VFS_NAME: &CStr = c"writelock";
 
 /// What a main-database handle carries besides the inner file.
 pub(crate) struct FileState {
-    /// `<db>.lock`; `None` when no lock is needed (read-only, immutable).
+    /// `<db>.lock` (created only when a lock is needed: not for read-only
+    /// or immutable connections).
     pub lock_path: Option<PathBuf>,
     /// `<db>-journal`, whose first byte tells a hot journal.
     pub journal_path: PathBuf,
@@ -48,7 +49,11 @@ pub(crate) struct FileState {
 
 /// A snapshot of one handle for `writelock_status()`.
 pub(crate) struct HandleReport {
+    /// The lock file of the database (also for a read-only connection, which
+    /// takes no lock and creates none).
     pub lock_path: Option<PathBuf>,
+    /// This connection takes the lock when it writes.
+    pub protected: bool,
     pub holding: bool,
     /// Holding by borrowing this process's own flock on `<db>.lock`.
     pub borrowed: bool,
@@ -64,7 +69,15 @@ pub(crate) struct HandleReport {
 #[repr(C)]
 struct ShimFile {
     base: ffi::sqlite3_file,
+    /// A main database's state (NULL for other files).
     state: *mut FileState,
+    /// Another file's name as SQLite passed it to xOpen, valid until xClose
+    /// (NULL for main databases and nameless temporary files).
+    name: *const c_char,
+    /// The process that opened it.
+    pid: u32,
+    /// Its `SQLITE_OPEN_…` kind flag.
+    kind: c_int,
 }
 
 /// Where the inner `sqlite3_file` starts: after ours, 8-byte aligned.
@@ -134,6 +147,9 @@ fn step(m: &Shared, op: impl FnOnce(&mut Protocol<LockFile>) -> c_int) -> c_int 
         crate::wait::arm_hold_watch(m, &mut st, crate::log_error);
     }
     st.settle(m);
+    if rc == ffi::SQLITE_OK && st.p.writing() {
+        crate::wait::forgive();
+    }
     let unlogged = st.p.unlogged.take();
     let refused = (events & event::REFUSED != 0
         && st.p.flock().page().is_none_or(|p| p.may_log_busy()))
@@ -246,6 +262,11 @@ unsafe fn with_proto(
 /// # Safety
 /// As [`state`].
 unsafe fn checkpoint_may_write(f: *mut ffi::sqlite3_file) -> c_int {
+    if inherited(f) {
+        // A connection inherited through fork() never writes the database:
+        // the lock it may believe it holds is its parent's.
+        return ffi::SQLITE_IOERR_WRITE;
+    }
     match &state(f).lock {
         Ok(Some(m)) if m.ckpt_unlocked.load(Ordering::Relaxed) => step(m, |p| p.checkpoint_write()),
         _ => ffi::SQLITE_OK,
@@ -629,6 +650,164 @@ const fn methods(version: c_int) -> ffi::sqlite3_io_methods {
 /// One table per inner `iVersion`, so we expose exactly what the inner file has.
 static METHODS: [ffi::sqlite3_io_methods; 3] = [methods(1), methods(2), methods(3)];
 
+// ---- journals, WAL and temporary files ---------------------------------------
+//
+// They get no lock logic, only the fork check: in a child forked without
+// exec, a connection inherited from the parent may still believe it holds
+// the parent's locks, and would write the parent's journal or WAL (and
+// delete the journal of the parent's open transaction) without asking for
+// any lock. So writes to such a file in another process than the one that
+// opened it are refused, and a journal it closes is remembered so that the
+// child's SQLite cannot delete it (`v_delete`).
+
+/// The kind bits of xOpen's flags: `SQLITE_OPEN_MAIN_DB` (0x100) …
+/// `SQLITE_OPEN_SUPER_JOURNAL` (0x4000), and `SQLITE_OPEN_WAL` (0x80000).
+const SQLITE_OPEN_KINDS: c_int = 0x0000_7F00 | ffi::SQLITE_OPEN_WAL;
+
+/// Open a journal, WAL or temporary file inside our wrapper.
+///
+/// # Safety
+/// As `v_open`, whose arguments these are.
+unsafe fn open_side(
+    iv: *mut ffi::sqlite3_vfs,
+    open: unsafe extern "C" fn(
+        *mut ffi::sqlite3_vfs,
+        *const c_char,
+        *mut ffi::sqlite3_file,
+        c_int,
+        *mut c_int,
+    ) -> c_int,
+    name: *const c_char,
+    f: *mut ffi::sqlite3_file,
+    flags: c_int,
+    out_flags: *mut c_int,
+) -> c_int {
+    let fi = inner(f);
+    (*fi).pMethods = ptr::null();
+    let rc = open(iv, name, fi, flags, out_flags);
+    if (*fi).pMethods.is_null() {
+        return rc;
+    }
+    if rc != ffi::SQLITE_OK {
+        inner_call!(f, xClose);
+        return rc;
+    }
+    let v = (*(*fi).pMethods).iVersion.clamp(1, 3);
+    (*f).pMethods = &SIDE_METHODS[(v - 1) as usize];
+    ffi::SQLITE_OK
+}
+
+/// Whether a file of ours was opened in another process (inherited through
+/// `fork()`).
+///
+/// # Safety
+/// `f` is a file of ours.
+unsafe fn inherited(f: *mut ffi::sqlite3_file) -> bool {
+    crate::process::forked() && (*(f as *mut ShimFile)).pid != crate::process::pid()
+}
+
+/// Journals of the parent's connections that a forked child closed: the
+/// child's SQLite must not delete them (see [`v_delete`]). Kept by path and
+/// identity, so the child's own later journal at the same path is its to
+/// delete.
+type Kept = std::sync::Mutex<Vec<(PathBuf, (u64, u64))>>;
+static KEPT: crate::process::PerProcess<Kept> = crate::process::PerProcess::new();
+
+fn identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+unsafe extern "C" fn s_close(f: *mut ffi::sqlite3_file) -> c_int {
+    guard(ffi::SQLITE_IOERR_CLOSE, || {
+        // SAFETY: SQLite calls xClose once, on a file we opened; `name` is
+        // valid until this call returns.
+        unsafe {
+            let sf = f as *mut ShimFile;
+            let journal = ffi::SQLITE_OPEN_MAIN_JOURNAL | ffi::SQLITE_OPEN_WAL;
+            if inherited(f) && (*sf).kind & journal != 0 && !(*sf).name.is_null() {
+                let path = PathBuf::from(OsStr::from_bytes(CStr::from_ptr((*sf).name).to_bytes()));
+                if let Some(id) = identity(&path) {
+                    let kept = KEPT.get(Default::default);
+                    kept.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((path, id));
+                }
+            }
+            inner_call!(f, xClose)
+        }
+    })
+}
+
+/// A side file's write, truncate or sync: refused in a process that did not
+/// open it.
+macro_rules! side_write {
+    ($name:ident, $m:ident, $err:expr, ($($arg:ident: $ty:ty),*)) => {
+        unsafe extern "C" fn $name(f: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> c_int {
+            // SAFETY: a file of ours; delegation with SQLite's own arguments.
+            guard($err, || unsafe {
+                if inherited(f) {
+                    return $err;
+                }
+                inner_call!(f, $m $(, $arg)*)
+            })
+        }
+    };
+}
+side_write!(s_write, xWrite, ffi::SQLITE_IOERR_WRITE, (buf: *const c_void, n: c_int, off: i64));
+side_write!(s_truncate, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, (size: i64));
+side_write!(s_sync, xSync, ffi::SQLITE_IOERR_FSYNC, (flags: c_int));
+
+/// A side file's other methods: plain delegation.
+macro_rules! side_pass {
+    ($name:ident, $m:ident, $err:expr, ($($arg:ident: $ty:ty),*)) => {
+        unsafe extern "C" fn $name(f: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> c_int {
+            // SAFETY: a file of ours; delegation with SQLite's own arguments.
+            guard($err, || unsafe { inner_call!(f, $m $(, $arg)*) })
+        }
+    };
+}
+side_pass!(s_read, xRead, ffi::SQLITE_IOERR_READ, (buf: *mut c_void, n: c_int, off: i64));
+side_pass!(s_file_size, xFileSize, ffi::SQLITE_IOERR_FSTAT, (out: *mut i64));
+side_pass!(s_lock, xLock, ffi::SQLITE_IOERR_LOCK, (level: c_int));
+side_pass!(s_unlock, xUnlock, ffi::SQLITE_IOERR_UNLOCK, (level: c_int));
+side_pass!(s_check_reserved_lock, xCheckReservedLock, ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, (out: *mut c_int));
+side_pass!(s_file_control, xFileControl, ffi::SQLITE_NOTFOUND, (op: c_int, arg: *mut c_void));
+side_pass!(s_shm_map, xShmMap, ffi::SQLITE_IOERR_SHMMAP, (pg: c_int, pgsz: c_int, extend: c_int, pp: *mut *mut c_void));
+side_pass!(s_shm_lock, xShmLock, ffi::SQLITE_IOERR_SHMLOCK, (ofst: c_int, n: c_int, flags: c_int));
+side_pass!(s_shm_unmap, xShmUnmap, ffi::SQLITE_IOERR_SHMMAP, (delete: c_int));
+
+const fn side_methods(version: c_int) -> ffi::sqlite3_io_methods {
+    let main = methods(version);
+    ffi::sqlite3_io_methods {
+        iVersion: version,
+        xClose: Some(s_close),
+        xRead: Some(s_read),
+        xWrite: Some(s_write),
+        xTruncate: Some(s_truncate),
+        xSync: Some(s_sync),
+        xFileSize: Some(s_file_size),
+        xLock: Some(s_lock),
+        xUnlock: Some(s_unlock),
+        xCheckReservedLock: Some(s_check_reserved_lock),
+        xFileControl: Some(s_file_control),
+        xShmMap: if version >= 2 { Some(s_shm_map) } else { None },
+        xShmLock: if version >= 2 { Some(s_shm_lock) } else { None },
+        xShmUnmap: if version >= 2 {
+            Some(s_shm_unmap)
+        } else {
+            None
+        },
+        ..main
+    }
+}
+
+/// The side files' tables, one per inner `iVersion`.
+static SIDE_METHODS: [ffi::sqlite3_io_methods; 3] =
+    [side_methods(1), side_methods(2), side_methods(3)];
+
 /// Whether `f` is a main-db file of ours (used by the SQL functions).
 fn is_ours(f: *const ffi::sqlite3_file) -> bool {
     // SAFETY: `f` is a file SQLite handed out; reading its methods pointer is
@@ -648,6 +827,7 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
     let st = state(f);
     let mut r = HandleReport {
         lock_path: st.lock_path.clone(),
+        protected: false,
         holding: false,
         borrowed: false,
         options: Options::default(),
@@ -662,6 +842,7 @@ pub(crate) unsafe fn report(f: *mut ffi::sqlite3_file) -> Option<HandleReport> {
         }
         Ok(Some(m)) => {
             let s = m.lock();
+            r.protected = s.p.last_error.is_none();
             r.holding = s.p.holds();
             r.borrowed = s.p.flock().is_borrowed();
             r.error = s.p.last_error.clone();
@@ -783,13 +964,15 @@ unsafe extern "C" fn v_open(
             let Some(open) = (*iv).xOpen else {
                 return ffi::SQLITE_CANTOPEN;
             };
-            if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
-                // Journals, WAL, temp files: the outer buffer becomes the inner file.
-                return open(iv, name, f, flags, out_flags);
-            }
             let sf = f as *mut ShimFile;
             (*sf).base.pMethods = ptr::null();
             (*sf).state = ptr::null_mut();
+            (*sf).name = name;
+            (*sf).pid = crate::process::pid();
+            (*sf).kind = flags & SQLITE_OPEN_KINDS;
+            if flags & ffi::SQLITE_OPEN_MAIN_DB == 0 {
+                return open_side(iv, open, name, f, flags, out_flags);
+            }
             let fi = inner(f);
             (*fi).pMethods = ptr::null();
             let db = if name.is_null() {
@@ -829,7 +1012,7 @@ unsafe extern "C" fn v_open(
             let mut journal = db.clone().into_os_string();
             journal.push("-journal");
             (*sf).state = Box::into_raw(Box::new(FileState {
-                lock_path: needed.then(|| lock_path_for(&db)),
+                lock_path: (!db.as_os_str().is_empty()).then(|| lock_path_for(&db)),
                 journal_path: PathBuf::from(journal),
                 logged: AtomicBool::new(false),
                 not_regular: not_regular && lock.is_err(),
@@ -846,8 +1029,21 @@ unsafe extern "C" fn v_delete(
     name: *const c_char,
     sync: c_int,
 ) -> c_int {
-    // SAFETY: delegation to the inner VFS.
+    // SAFETY: delegation to the inner VFS; `name` is a C string.
     guard(ffi::SQLITE_IOERR_DELETE, || unsafe {
+        if crate::process::forked() && !name.is_null() {
+            // A forked child's SQLite deleting the journal of its parent's
+            // open transaction (closed here as an inherited file): refused.
+            let path = PathBuf::from(OsStr::from_bytes(CStr::from_ptr(name).to_bytes()));
+            let kept = KEPT.get(Default::default);
+            let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = kept.iter().position(|(p, _)| *p == path) {
+                if identity(&path) == Some(kept[i].1) {
+                    return ffi::SQLITE_IOERR_DELETE;
+                }
+                kept.remove(i); // a newer file at that path: the child's own
+            }
+        }
         let iv = ivfs(vfs);
         (*iv)
             .xDelete
@@ -956,16 +1152,20 @@ fn sleep_for_lock(us: c_int) -> Option<c_int> {
             return None;
         }
         let ahead = st.p.options.queue_ahead;
-        Run::deadline(&mut st.w.run, start, asked, ahead)
+        Run::deadline(&mut st.w.run, start, asked, ahead) + crate::wait::take_debt()
     };
     let granted = match want {
         Want::Flock => crate::wait::for_flock(&h, deadline),
         Want::Readers => Some(crate::wait::for_readers(&h, deadline)),
         Want::Writer => Some(crate::wait::for_writer(&h, deadline)),
     };
+    let slept = start.elapsed();
     Run::ended(&mut h.lock().w.run, granted == Some(true), Instant::now());
+    if granted == Some(true) && want == Want::Flock {
+        crate::wait::owe(asked.saturating_sub(slept));
+    }
     granted?;
-    Some(start.elapsed().as_micros().min(c_int::MAX as u128) as c_int)
+    Some(slept.as_micros().min(c_int::MAX as u128) as c_int)
 }
 
 unsafe extern "C" fn v_sleep(vfs: *mut ffi::sqlite3_vfs, us: c_int) -> c_int {
@@ -974,8 +1174,12 @@ unsafe extern "C" fn v_sleep(vfs: *mut ffi::sqlite3_vfs, us: c_int) -> c_int {
         if let Some(slept) = sleep_for_lock(us) {
             return slept;
         }
+        // Not a refusal of ours: sleep as asked, plus what an earlier sleep
+        // of this thread's run owes (it got the flock early, and SQLite's
+        // own lock then refused: see `wait::owe`).
+        let owed = crate::wait::take_debt().as_micros().min(i32::MAX as u128) as c_int;
         let iv = ivfs(vfs);
-        (*iv).xSleep.map_or(0, |m| m(iv, us))
+        (*iv).xSleep.map_or(0, |m| m(iv, us.saturating_add(owed)))
     })
 }
 

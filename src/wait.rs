@@ -104,6 +104,43 @@ impl Run {
     }
 }
 
+thread_local! {
+    /// Time SQLite counted against `busy_timeout` but this thread did not
+    /// sleep (see [`owe`]), and when that was last added to.
+    static DEBT: std::cell::Cell<(Duration, Option<Instant>)> =
+        const { std::cell::Cell::new((Duration::ZERO, None)) };
+}
+
+/// A sleep that got its lock returned `early` before SQLite's requested
+/// time. SQLite counts the whole request against `busy_timeout` anyway, so if
+/// the retry fails after all (SQLite's own lock is held by a process without
+/// the extension, say), the busy handler would run out of time early and
+/// report `database is locked` before `busy_timeout`. The thread owes that
+/// time: the next sleeps of the same run may wait that much longer.
+pub fn owe(early: Duration) {
+    DEBT.with(|d| {
+        let (owed, _) = d.get();
+        d.set((owed + early, Some(Instant::now())));
+    });
+}
+
+/// What this thread owes now (see [`owe`]), clearing it; nothing if it was
+/// owed longer than a pause between runs ago.
+pub fn take_debt() -> Duration {
+    DEBT.with(|d| {
+        let (owed, at) = d.replace((Duration::ZERO, None));
+        match at {
+            Some(t) if t.elapsed() < RUN_JOIN => owed,
+            _ => Duration::ZERO,
+        }
+    })
+}
+
+/// The write went through: nothing is owed any more.
+pub fn forgive() {
+    DEBT.with(|d| d.set((Duration::ZERO, None)));
+}
+
 /// A handle's waiting state, beside its protocol under the same mutex.
 #[derive(Debug, Default)]
 pub struct WaitState {

@@ -23,7 +23,7 @@ SQLite resolves them before it opens the database.
 Exit codes:
   0    success (run: the command's own status is passed through)
   2    usage error
-  66   the database does not exist (nothing is created)
+  66   status, watch: the database does not exist (nothing is created)
   73   the lock file cannot be used: not a regular file, or cannot be opened
        or created (the message says why)
   75   run: the lock was not free within --timeout
@@ -56,7 +56,7 @@ enum Cmd {
         /// The database file.
         db: PathBuf,
         /// Give up after this many seconds (default: wait as long as it takes).
-        #[arg(long, value_name = "SECS")]
+        #[arg(long, value_name = "SECS", value_parser = seconds)]
         timeout: Option<f64>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
@@ -70,7 +70,7 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
         /// Stop after this many seconds.
-        #[arg(long = "for", value_name = "SECS")]
+        #[arg(long = "for", value_name = "SECS", value_parser = seconds)]
         duration: Option<f64>,
     },
 }
@@ -89,6 +89,16 @@ fn main() -> ExitCode {
             interval_ms,
             duration,
         } => watch(&db, Duration::from_millis(interval_ms.max(1)), duration),
+    }
+}
+
+/// A number of seconds: finite, not negative, at most a year.
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=31_536_000.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0 to 31536000"
+        )),
     }
 }
 

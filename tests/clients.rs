@@ -1029,13 +1029,32 @@ print("libsqlite3", len(libs), sorted(libs))
         );
         assert_eq!(Path::new(out.trim()), so, "{py:?}");
 
+        // A question creates nothing: a missing database is an error…
+        let o = v
+            .cmd(dir.path())
+            .args(["-m", "sqlite_writelock", "status", "app.db"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{py:?}: {}", text(&o));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{py:?}");
+        // …and an existing one is looked at through a read-only connection
+        // (which takes no lock, so creates no lock file).
+        create_db(&dir.path().join("app.db"), "wal");
         let out = run_ok(
             "python -m sqlite_writelock status",
             v.cmd(dir.path())
                 .args(["-m", "sqlite_writelock", "status", "app.db"]),
         );
         let st: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
-        assert_eq!(st["databases"][0]["protected"], true, "{py:?}: {out}");
+        let d = &st["databases"][0];
+        assert_eq!(st["vfs"], "writelock", "{py:?}: {out}");
+        assert!(
+            d["lock_file"]
+                .as_str()
+                .is_some_and(|l| l.ends_with("/app.db.lock")),
+            "{py:?}: {out}"
+        );
+        assert_eq!(d["protected"], false, "read-only: {py:?}: {out}");
     }
 }
 

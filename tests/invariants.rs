@@ -1672,3 +1672,442 @@ fn a_long_hold_warns_while_still_held() {
         .collect();
     in_parallel(jobs);
 }
+
+// ---- found by an adversarial review ----------------------------------------------
+
+const INHERITED_WRITE: &str = r#"
+db, so, vfs, journal = sys.argv[1:5]
+load_extension(so, vfs)
+con = connect(db, vfs, 0)
+con.execute("BEGIN IMMEDIATE")
+con.execute("INSERT INTO t VALUES ('parent')")
+pid = os.fork()
+if pid == 0:
+    said = []
+    for sql in ("INSERT INTO t VALUES ('child')", "COMMIT"):
+        try:
+            con.execute(sql)
+            said.append("ok")
+        except sqlite3.Error as e:
+            said.append(str(e))
+    print(json.dumps(said), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("child done", flush=True)
+os.read(0, 1)
+try:
+    con.execute("COMMIT")
+    print("parent committed", flush=True)
+except sqlite3.Error as e:
+    print("parent:", e, flush=True)
+"#;
+
+/// A child forked without exec that writes through a connection inherited
+/// from its parent, in the middle of the parent's write transaction, is
+/// refused: its commit fails, nothing of it reaches the database, and the
+/// parent's own transaction commits untouched. Stock SQLite in WAL mode lets
+/// the child commit the parent's half-done transaction under the parent's
+/// write lock.
+#[test]
+fn a_forked_child_cannot_write_through_an_inherited_connection() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    for journal in JOURNAL_MODES {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_table(&db, journal);
+            let args = [
+                db.as_os_str(),
+                so.as_os_str(),
+                OsStr::new(mode.vfs()),
+                OsStr::new(journal),
+            ];
+            let mut p = python(&py, INHERITED_WRITE, &args);
+            let child: Vec<String> = serde_json::from_str(&p.line()).unwrap();
+            assert_eq!(p.line(), "child done");
+            let during = count(&db, "t");
+            p.send("");
+            let parent = p.line();
+            p.finish_within(Duration::from_secs(10));
+            let c = open(&db, Mode::Stock);
+            c.busy_timeout(Duration::from_secs(5)).unwrap();
+            let rows: Vec<String> = c
+                .prepare("SELECT x FROM t ORDER BY rowid")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            match mode {
+                Mode::Writelock => assert!(
+                    child[1] != "ok"
+                        && during == 0
+                        && parent == "parent committed"
+                        && rows == ["parent"],
+                    "{journal}: the child said {child:?}; rows while the parent was in its \
+                     transaction: {during}; the parent: {parent}; at the end: {rows:?} (want \
+                     only the parent's)"
+                ),
+                Mode::Stock if journal == "wal" => assert!(
+                    child == ["ok", "ok"] && during == 2,
+                    "stock lets the child commit the parent's rows: {child:?}, {during}"
+                ),
+                Mode::Stock => {}
+            }
+        }
+    }
+}
+
+const INHERITED_CLOSE_CRASH: &str = r#"
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 0)
+con.execute("PRAGMA cache_size=10")
+con.execute("BEGIN IMMEDIATE")
+# Spills: the database file is half-written, the journal is hot.
+con.execute("UPDATE t SET v = 1")
+pid = os.fork()
+if pid == 0:
+    con.close()  # the child closes what it inherited, as an exiting child does
+    os._exit(0)
+os.waitpid(pid, 0)
+print("ready", flush=True)
+os.read(0, 1)
+"#;
+
+/// A child that closes a connection it inherited in the middle of its
+/// parent's write transaction (every exiting child of a forking server does
+/// this implicitly) must not delete the parent's journal: when the parent
+/// then dies, the half-written transaction is rolled back from it. Stock
+/// SQLite's child deletes the journal, and the parent's half-done update
+/// stays in the database.
+#[test]
+fn a_forked_child_never_deletes_its_parents_journal() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        let c = open(&db, Mode::Stock);
+        c.execute_batch(
+            "PRAGMA journal_mode=delete; CREATE TABLE t(v, pad);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)
+             INSERT INTO t SELECT 0, randomblob(200) FROM n;",
+        )
+        .unwrap();
+        drop(c);
+        let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
+        let mut p = python(&py, INHERITED_CLOSE_CRASH, &args);
+        assert_eq!(p.line(), "ready");
+        let journal_kept = dir.path().join("app.db-journal").exists();
+        p.kill();
+        let changed: i64 = {
+            let c = open(&db, Mode::Stock);
+            c.busy_timeout(Duration::from_secs(5)).unwrap();
+            c.query_row("SELECT count(*) FROM t WHERE v = 1", [], |r| r.get(0))
+                .unwrap()
+        };
+        match mode {
+            Mode::Writelock => assert!(
+                journal_kept && changed == 0,
+                "journal kept after the child's close: {journal_kept}; rows of the killed \
+                 transaction left in the database: {changed} (want 0)"
+            ),
+            // Stock's child rolls the parent's transaction back, or leaves it
+            // half-written, but either way deletes the journal under it.
+            Mode::Stock => assert!(
+                !journal_kept,
+                "stock's child deletes the journal: kept {journal_kept}, changed {changed}"
+            ),
+        }
+    }
+}
+
+/// `<db>.lock` deleted while a writer is in the middle of its transaction: a
+/// new process of the extension opens the fresh lock file and would not see
+/// the old one's holder — it must still wait for it (the holder record on
+/// the shared page names which lock file the holder locked), even when the
+/// writer's own POSIX locks were cancelled by a stray `close()`. Its update
+/// is then not lost. Stock SQLite lets it in at once.
+#[test]
+fn a_transaction_under_a_deleted_lock_file_still_excludes_new_writers() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    const HOLDER: &str = r#"
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 5)
+con.execute("BEGIN IMMEDIATE")
+con.execute("UPDATE t SET v = v + 1000")
+os.close(os.open(db, os.O_RDONLY))  # a stray close(): SQLite's POSIX locks are gone
+print("in transaction", flush=True)
+os.read(0, 1)
+try:
+    con.execute("COMMIT")
+    print("committed", flush=True)
+except sqlite3.Error as e:
+    print("commit:", e, flush=True)
+"#;
+    const OTHER: &str = r#"
+import time
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 0.3)
+t0 = time.monotonic()
+try:
+    con.execute("UPDATE t SET v = v + 1")
+    print(json.dumps(["ok", time.monotonic() - t0]), flush=True)
+except sqlite3.Error as e:
+    print(json.dumps([str(e), time.monotonic() - t0]), flush=True)
+"#;
+    for journal in JOURNAL_MODES {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            let c = open(&db, Mode::Stock);
+            c.execute_batch(&format!(
+                "PRAGMA journal_mode={journal}; CREATE TABLE t(v); INSERT INTO t VALUES (0);"
+            ))
+            .unwrap();
+            drop(c);
+            let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
+            let mut a = python(&py, HOLDER, &args);
+            assert_eq!(a.line(), "in transaction");
+            let _ = std::fs::remove_file(lock_path(&db));
+            let (_, out, err) = python(&py, OTHER, &args).finish_within(Duration::from_secs(10));
+            let b: Value =
+                serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out:?} {err}"));
+            a.send("");
+            let a_said = a.line();
+            a.finish_within(Duration::from_secs(10));
+            let c = open(&db, Mode::Stock);
+            c.busy_timeout(Duration::from_secs(5)).unwrap();
+            if b[0] != "ok" {
+                // Excluded while A wrote; now it may.
+                c.execute("UPDATE t SET v = v + 1", []).unwrap();
+            }
+            let v: i64 = c.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap();
+            match mode {
+                Mode::Writelock => assert!(
+                    b[0] != "ok" && a_said == "committed" && v == 1001,
+                    "{journal}: the new writer during the old lock file's transaction: {b}; \
+                     the old one: {a_said}; v = {v} (want it excluded, both committed, 1001)"
+                ),
+                Mode::Stock => assert!(b[0] == "ok" || journal == "wal", "{journal}: {b}"),
+            }
+        }
+    }
+}
+
+/// A process without the extension holds SQLite's write lock for 1.5 s while
+/// a `flock(1)` loop takes `<db>.lock` for a moment, again and again. The
+/// extension's writers (busy_timeout 2000) keep getting the flock early,
+/// then meet SQLite's own lock: the time their sleeps did not sleep is made
+/// up later, so they are served when the holder lets go, as stock writers
+/// are, instead of `database is locked` at half their busy_timeout.
+#[test]
+fn a_lock_granted_early_does_not_shorten_busy_timeout() {
+    for journal in JOURNAL_MODES {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_table(&db, journal);
+            std::fs::File::create(lock_path(&db)).unwrap();
+            let mut holder = Shell::start(&db, Mode::Stock);
+            assert_eq!(holder.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (0);"), "");
+            let stop = Arc::new(AtomicBool::new(false));
+            let flocker = {
+                let (stop, lock) = (stop.clone(), lock_path(&db));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let h = FlockHolder::hold(&lock);
+                        std::thread::sleep(Duration::from_millis(15));
+                        h.release();
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            };
+            let writers: Vec<_> = (0..3)
+                .map(|i| {
+                    let mut w = Shell::start(&db, mode);
+                    w.run(".timeout 2000");
+                    w.submit(&format!("INSERT INTO t VALUES ({});", i + 1));
+                    w
+                })
+                .collect();
+            // The hold of 1.5 s is the scenario.
+            std::thread::sleep(Duration::from_millis(1500));
+            assert_eq!(holder.run("COMMIT;"), "");
+            let outs: Vec<String> = writers
+                .into_iter()
+                .map(|mut w| {
+                    let out = w.collect();
+                    w.finish();
+                    out
+                })
+                .collect();
+            stop.store(true, Ordering::Relaxed);
+            flocker.join().unwrap();
+            holder.finish();
+            assert!(
+                outs.iter().all(|o| o.is_empty()),
+                "{journal} {mode:?}: writers with busy_timeout 2000 behind a 1.5 s hold: {outs:?}"
+            );
+        }
+    }
+}
+
+const OWN_LOCK_BESIDE_WRITERS: &str = r#"
+import fcntl
+db, so, vfs, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+load_extension(so, vfs)
+con = connect(db, vfs, 0)
+failed = 0
+for i in range(n):
+    with open(db + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            failed += 1
+            continue
+        con.execute("INSERT INTO t VALUES (-1)")
+        try:
+            con.execute("COMMIT")
+        except sqlite3.OperationalError:
+            con.execute("ROLLBACK")
+print(failed, flush=True)
+"#;
+
+/// A process that takes its own `flock` on `<db>.lock` (blocking, as the
+/// application-level fix does) and then begins a write transaction with
+/// busy_timeout 0 is never refused by the extension, however busy other
+/// writers of the extension keep the lock: the moment it gets its flock,
+/// the last holder may still be letting go, and its record must not be
+/// taken for a live holder. Stock SQLite's other writers do not take the
+/// flock, so there the application's own transactions collide with theirs.
+#[test]
+fn a_process_holding_its_own_lock_is_not_refused_beside_other_writers() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    for journal in JOURNAL_MODES {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_table(&db, journal);
+            std::fs::File::create(lock_path(&db)).unwrap();
+            let hammers: Vec<_> = (0..2)
+                .map(|_| {
+                    LoopWriter::start(&db, mode, ".timeout 5000", |i| {
+                        format!("BEGIN IMMEDIATE; INSERT INTO t VALUES ({i}); COMMIT;")
+                    })
+                })
+                .collect();
+            let args = [
+                db.as_os_str(),
+                so.as_os_str(),
+                OsStr::new(mode.vfs()),
+                OsStr::new("300"),
+            ];
+            let (code, out, err) =
+                python(&py, OWN_LOCK_BESIDE_WRITERS, &args).finish_within(Duration::from_secs(60));
+            for h in hammers {
+                let (_, errors) = h.stop();
+                assert!(errors.is_empty(), "{journal} {mode:?}: {errors:?}");
+            }
+            assert_eq!(code, Some(0), "{err}");
+            let failed: u32 = out.trim().parse().unwrap();
+            match mode {
+                Mode::Writelock => assert_eq!(
+                    failed, 0,
+                    "{journal}: BEGIN IMMEDIATE refused under the process's own flock"
+                ),
+                Mode::Stock => assert!(failed > 0, "{journal}: stock writers ignore the flock"),
+            }
+        }
+    }
+}
+
+/// `writelock run` on a symlink to a database that does not exist yet (a
+/// migration that creates it) locks the lock file SQLite will use, the
+/// link's target plus `.lock`, so a connection of the extension opening the
+/// link is excluded meanwhile; without the extension it is not. Seconds that
+/// are not a finite number are a usage error, not a crash.
+#[test]
+fn writelock_run_on_a_dangling_symlink_locks_the_database_sqlite_will_create() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let link = dir.path().join("app.db");
+        std::os::unix::fs::symlink("data/app.db", &link).unwrap();
+        let mut run = Command::new(cli_path())
+            .arg("run")
+            .arg(&link)
+            .args(["--", "sh", "-c", "echo held; read _ || true"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(run.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held");
+        let mut sh = Shell::start(&link, mode);
+        let out = sh.run("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);");
+        sh.finish();
+        drop(run.stdin.take());
+        assert!(run.wait().unwrap().success());
+        assert!(
+            lock_path(&dir.path().join("data/app.db")).exists(),
+            "the lock file is the target's"
+        );
+        match mode {
+            Mode::Writelock => assert!(out.contains("database is locked"), "{out:?}"),
+            Mode::Stock => assert_eq!(out, ""),
+        }
+    }
+    for bad in ["inf", "nan", "-1", "1e400"] {
+        let (code, err) = cli(&[
+            OsStr::new("run"),
+            OsStr::new("/nonexistent/x.db"),
+            OsStr::new("--timeout"),
+            OsStr::new(bad),
+            OsStr::new("--"),
+            OsStr::new("true"),
+        ]);
+        assert_eq!(code, Some(2), "--timeout {bad}: {err}");
+        assert!(err.contains(bad), "{err}");
+    }
+}
+
+/// An explicit blocking checkpoint waits exactly its busy_timeout for a
+/// writer, as stock SQLite does: not the timeout plus the queueing a
+/// commit's automatic checkpoint gets. With busy_timeout 0 it reports busy
+/// at once.
+#[test]
+fn an_explicit_checkpoint_waits_its_busy_timeout_and_no_more() {
+    for mode in Mode::BOTH {
+        for timeout in [0u64, 500] {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_table(&db, "wal");
+            open(&db, Mode::Stock)
+                .execute("INSERT INTO t VALUES (0)", [])
+                .unwrap();
+            let mut w = Shell::start(&db, mode);
+            assert_eq!(w.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);"), "");
+            let (busy, took) = checkpoint(&db, mode, "TRUNCATE", timeout, || {});
+            w.run("COMMIT;");
+            w.finish();
+            // Slack for a loaded 2-core machine on top of busy_timeout.
+            let most = Duration::from_millis(timeout + 60);
+            assert!(
+                busy == "1" && took >= Duration::from_millis(timeout) && took <= most,
+                "{mode:?}: TRUNCATE with busy_timeout {timeout} behind a writer: busy={busy} \
+                 after {took:?}"
+            );
+        }
+    }
+}

@@ -1,76 +1,67 @@
 # sqlite-writelock — `make demo` and `make test` are the two commands.
+#
+#   make demo      build, then show two writers with and without the extension
+#   make test      everything CI runs: unit, SQL scripts, processes, clients
+#   make lint      rustfmt and clippy on every package
+#   make torture   the torture and SIGKILL crash suites at length (not in CI)
+#   make bench     stock SQLite vs application flock vs the extension (not in CI)
 CARGO ?= cargo
-SO := target/release/libwritelock.so
 
-.PHONY: all build demo test unit e2e lint clean torture
+.PHONY: all build demo test unit e2e examples clients lint torture bench clean FORCE
 
 all: build
 
-build: $(SO)
-
-# Always ask cargo: it knows when sources changed.
-$(SO): FORCE
-	$(CARGO) build --release -p sqlite-writelock
+# The loaded library (target/release/libwritelock.so) and the CLI
+# (target/release/writelock). Always ask cargo: it knows when sources changed.
+build: FORCE
+	$(CARGO) build --release -p sqlite-writelock -p writelock-cli
 FORCE:
 
 demo: build
 	bash scripts/demo.sh
 
-# The whole suite: unit tests (protocol, lock file), SQL scripts (sql/*.slt)
-# with and without the extension, and real-process lock tests.
 test: build unit e2e
 
+# The protocol, the lock file, the page and waiting, without SQLite
+# (writelock-core, including the model test), and the CLI's own tests.
 unit:
-	$(CARGO) test --lib
+	$(CARGO) test --release -p writelock-core -p writelock-cli
 
-e2e: build
+# Real processes and real clients against the built library: SQL scripts
+# (sql/*.slt) with and without the extension, lock invariants, the CLI, the
+# queue, filesystems, a short torture round, and every client (sqlite3 shell,
+# Python, Rust, Node). Tests, examples and bench link a bundled SQLite, so
+# each gets its own cargo invocation: cargo would otherwise unify the
+# library's `loadable_extension` feature into them.
+e2e: build examples
 	$(CARGO) test --release -p writelock-tests
 
-# The torture suite at length: 60 s per round (each journal mode, with and
-# without the extension), plus the SIGKILL crash test with 100 kills per mode.
-torture: build
-	TORTURE_SECS=60 TORTURE_KILLS=100 $(CARGO) test --release -p writelock-tests --test torture -- --nocapture --test-threads=1
-
-# Formatting and clippy, as CI runs them.
-lint:
-	$(CARGO) fmt --all --check
-	$(CARGO) clippy --release --lib -- -D warnings
-	$(CARGO) clippy --release -p writelock-tests --tests -- -D warnings
-
-clean:
-	$(CARGO) clean
-
-# ---- clients (issue 4) ----------------------------------------------------------
-.PHONY: examples clients lint-examples
-
-# The Rust programs in examples/ (register() linked into a bundled SQLite, and
-# load_extension): their own cargo invocation, never together with the root
-# cdylib, whose libsqlite3-sys `loadable_extension` feature would be unified in.
+# Rust programs in examples/: register() linked into a bundled SQLite, and
+# load_extension.
 examples:
 	$(CARGO) build --release -p writelock-examples
 
-# Every client on its own and all at once: the sqlite3 shell, Python (Debian's
-# python3 and the one on PATH, each in a venv under target/clients/ with
-# `pip install ./bindings/python`), the Rust examples, Node (better-sqlite3 12,
-# npm-installed into bindings/node). Part of `make e2e`/`make test`; this runs
-# it alone.
+# The client tests alone.
 clients: build examples
 	$(CARGO) test --release -p writelock-tests --test clients
 
-e2e: examples
-
-lint: lint-examples
-lint-examples:
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release -p sqlite-writelock -p writelock-core -p writelock-cli --all-targets -- -D warnings
+	$(CARGO) clippy --release -p writelock-tests --all-targets -- -D warnings
 	$(CARGO) clippy --release -p writelock-examples -- -D warnings
+	$(CARGO) clippy --release -p writelock-bench -- -D warnings
 
-# ---- benchmark (issue 7) --------------------------------------------------------
-.PHONY: bench
+# 60 s per round (each journal mode, with and without the extension), plus
+# the SIGKILL crash test with 100 kills per mode.
+torture: build
+	TORTURE_SECS=60 TORTURE_KILLS=100 $(CARGO) test --release -p writelock-tests --test torture -- --nocapture --test-threads=1
 
-# Stock SQLite, the application-level flock and the extension side by side, with
-# real processes: single-writer overhead and a multi-writer task queue (WAL and
-# DELETE). Prints a table; writes target/bench/results.{md,json} and
-# target/bench/writer-wait-cdf.svg. BENCH_SECS, BENCH_PROCS, BENCH_REPEAT, … :
-# see bench/src/main.rs. Its own cargo invocation (bundled SQLite, no unification
-# with the cdylib's loadable_extension).
+# Real processes, modes interleaved; prints ratios against stock SQLite and
+# the application-level flock measured in the same run, writes
+# target/bench/results.{md,json} and a wait CDF. Options: docs/benchmark.md.
 bench: build
 	$(CARGO) run --release -p writelock-bench
+
+clean:
+	$(CARGO) clean

@@ -1,39 +1,51 @@
 //! sqlite-writelock: serialized SQLite writers across processes.
 //!
+//! # What it is
+//!
 //! A VFS shim, loaded as an extension, that holds an exclusive `flock()` on
 //! `<db>.lock` for exactly as long as a connection is a writer — rollback and
-//! WAL modes alike. See `README.md` for users and `docs/protocol.md` for the
-//! protocol's reasoning.
+//! WAL modes alike. SQLite's own locks are POSIX `fcntl()` locks, which
+//! vanish when *any* descriptor on the database file is closed inside a
+//! process; a `flock` belongs to one open file description, survives such a
+//! `close()`, excludes other processes and other connections of this one
+//! alike, and dies with its process.
 //!
-//! Layout:
-//! * [`lockfile`] — `<db>.lock`: safe open, `flock`, OFD bytes, borrowing the
-//!   process's own lock, moving to a fresh file (pure Rust).
-//! * [`page`] — `<db>.lock-shm`: the holder record and the waiter slots.
-//! * [`process`] — pid, `fork()`, the descriptors the extension owns.
-//! * [`timer`] — the one timer thread per process.
-//! * [`holder`] — who holds it: `/proc/locks` and the holder record (pure Rust).
-//! * [`options`] — options from the environment, URI parameters and PRAGMAs.
-//! * [`protocol`] — when a handle is a writer and so must hold the lock (pure Rust).
-//! * [`wait`] — where and how long a refused connection waits.
-//! * `vfs` — the FFI shim over the default VFS.
-//! * `sql` — `writelock_version()`, `writelock_status()`, the auto-extension.
+//! # How it works
+//!
+//! * **A writer holds the flock.** A main-database handle is a writer while
+//!   its `xLock` level is RESERVED or above, or while it holds the WAL write
+//!   lock or the checkpoint lock (`xShmLock` slots 0 and 1). It takes the
+//!   flock *before* SQLite's own lock, never blocking (contended is
+//!   `SQLITE_BUSY`), and lets go *after* SQLite's unlock.
+//! * **SQLite's other locks are shadowed** by open-file-description locks on
+//!   bytes of `<db>.lock` that no stray `close()` can cancel: SHARED,
+//!   PENDING, EXCLUSIVE, and a WAL connection's lifelong attachment.
+//! * **A refused writer waits in its busy handler's sleep**, on its own
+//!   thread, in a queue on a shared page (`<db>.lock-shm`), woken by the
+//!   releaser; the lock it gets is kept for the retry as a write intent that
+//!   the process timer releases if nobody uses it.
+//! * **A process that holds `<db>.lock` itself** (the application-level fix,
+//!   `flock(1)`) is not made to wait for itself: its connections borrow it.
+//!
+//! # Where things are
+//!
+//! * `writelock_core` (a crate with no SQLite in it) decides everything:
+//!   `protocol` whether to take the lock, `wait` whether and how long to
+//!   wait, `lockfile` whether to borrow. `docs/protocol.md` says why it is
+//!   sound; `ARCHITECTURE.md` maps each decision to its place.
+//! * This crate is the C side, shaped like SQLite's `ext/misc/cksumvfs.c`:
+//!   `vfs` delegates to the VFS it wraps and turns C ints into typed values
+//!   at one edge; `sql` adds `writelock_version()` and `writelock_status()`;
+//!   this file has the entry point and [`register`].
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ffi::{c_char, c_int};
 
 use libsqlite3_sys as ffi;
 
-pub mod holder;
-pub mod lockfile;
-pub mod netfs;
-pub mod options;
-pub mod page;
-pub mod process;
-pub mod protocol;
 mod sql;
-pub mod stats;
-pub mod timer;
 mod vfs;
-pub mod wait;
 
 pub use sql::VERSION;
 pub use vfs::VFS_NAME;
@@ -67,7 +79,8 @@ pub(crate) fn sqlite_strdup(msg: &str) -> *mut c_char {
 /// `slot` is NULL or the error-message slot SQLite passed to an entry point.
 pub(crate) unsafe fn set_errmsg(slot: *mut *mut c_char, msg: &str) {
     if !slot.is_null() {
-        *slot = sqlite_strdup(msg);
+        // SAFETY: per the caller, a slot SQLite frees with sqlite3_free.
+        unsafe { *slot = sqlite_strdup(msg) };
     }
 }
 
@@ -130,9 +143,13 @@ unsafe fn init_error(
     msg: &str,
 ) -> c_int {
     if !err.is_null() {
-        if let Some(mprintf) = (*api).mprintf {
-            let c = std::ffi::CString::new(msg).unwrap_or_default();
-            *err = mprintf(c"%s".as_ptr(), c.as_ptr());
+        // SAFETY: per the caller; the message goes through the calling
+        // library's own allocator, which is the one that frees it.
+        unsafe {
+            if let Some(mprintf) = (*api).mprintf {
+                let c = std::ffi::CString::new(msg).unwrap_or_default();
+                *err = mprintf(c"%s".as_ptr(), c.as_ptr());
+            }
         }
     }
     ffi::SQLITE_ERROR

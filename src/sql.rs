@@ -6,7 +6,9 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
 
 use libsqlite3_sys as ffi;
-use serde_json::{json, Value};
+use std::time::Duration;
+
+use serde::Serialize;
 
 use crate::vfs;
 
@@ -45,23 +47,30 @@ unsafe fn database_list(db: *mut ffi::sqlite3) -> Vec<(CString, String)> {
     let mut out = Vec::new();
     let mut stmt = ptr::null_mut();
     let sql = c"PRAGMA database_list";
-    if ffi::sqlite3_prepare_v2(db, sql.as_ptr(), -1, &mut stmt, ptr::null_mut()) != ffi::SQLITE_OK {
+    // SAFETY: `db` is live (per the caller); `stmt` is finalized below.
+    if unsafe { ffi::sqlite3_prepare_v2(db, sql.as_ptr(), -1, &mut stmt, ptr::null_mut()) }
+        != ffi::SQLITE_OK
+    {
         return out;
     }
-    while ffi::sqlite3_step(stmt) == ffi::SQLITE_ROW {
-        let col = |i| {
-            let p = ffi::sqlite3_column_text(stmt, i);
-            if p.is_null() {
-                Vec::new()
-            } else {
-                CStr::from_ptr(p as *const c_char).to_bytes().to_vec()
-            }
-        };
-        let name = CString::new(col(1)).unwrap_or_default();
-        let file = String::from_utf8_lossy(&col(2)).into_owned();
-        out.push((name, file));
+    // SAFETY: a prepared statement stepped until done; column texts are
+    // copied before the next step.
+    unsafe {
+        while ffi::sqlite3_step(stmt) == ffi::SQLITE_ROW {
+            let col = |i| {
+                let p = ffi::sqlite3_column_text(stmt, i);
+                if p.is_null() {
+                    Vec::new()
+                } else {
+                    CStr::from_ptr(p as *const c_char).to_bytes().to_vec()
+                }
+            };
+            let name = CString::new(col(1)).unwrap_or_default();
+            let file = String::from_utf8_lossy(&col(2)).into_owned();
+            out.push((name, file));
+        }
+        ffi::sqlite3_finalize(stmt);
     }
-    ffi::sqlite3_finalize(stmt);
     out
 }
 
@@ -71,12 +80,15 @@ unsafe fn database_list(db: *mut ffi::sqlite3) -> Vec<(CString, String)> {
 /// `db` is live; `schema` names one of its databases.
 unsafe fn file_of(db: *mut ffi::sqlite3, schema: &CStr) -> *mut ffi::sqlite3_file {
     let mut f: *mut ffi::sqlite3_file = ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(
-        db,
-        schema.as_ptr(),
-        ffi::SQLITE_FCNTL_FILE_POINTER,
-        &mut f as *mut _ as *mut c_void,
-    );
+    // SAFETY: `db` is live; this op writes one pointer to `f`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            db,
+            schema.as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            &mut f as *mut _ as *mut c_void,
+        )
+    };
     if rc == ffi::SQLITE_OK {
         f
     } else {
@@ -90,97 +102,191 @@ unsafe fn file_of(db: *mut ffi::sqlite3, schema: &CStr) -> *mut ffi::sqlite3_fil
 /// As [`file_of`].
 unsafe fn vfs_of(db: *mut ffi::sqlite3, schema: &CStr) -> Option<String> {
     let mut v: *mut ffi::sqlite3_vfs = ptr::null_mut();
-    let rc = ffi::sqlite3_file_control(
-        db,
-        schema.as_ptr(),
-        ffi::SQLITE_FCNTL_VFS_POINTER,
-        &mut v as *mut _ as *mut c_void,
-    );
-    if rc != ffi::SQLITE_OK || v.is_null() || (*v).zName.is_null() {
+    // SAFETY: `db` is live; this op writes one pointer to `v`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            db,
+            schema.as_ptr(),
+            ffi::SQLITE_FCNTL_VFS_POINTER,
+            &mut v as *mut _ as *mut c_void,
+        )
+    };
+    if rc != ffi::SQLITE_OK || v.is_null() {
         return None;
     }
-    Some(CStr::from_ptr((*v).zName).to_string_lossy().into_owned())
+    // SAFETY: a registered VFS, which lives as long as the process; its
+    // name is NULL or a C string.
+    unsafe {
+        (*v).zName
+            .as_ref()
+            .map(|n| CStr::from_ptr(n).to_string_lossy().into_owned())
+    }
+}
+
+/// `writelock_status()`: the extension, the process, and every database of
+/// the connection.
+#[derive(Serialize)]
+struct Status {
+    version: &'static str,
+    vfs: Option<String>,
+    databases: Vec<Database>,
+    process: ProcessStatus,
+}
+
+/// This process's counters over all its connections.
+#[derive(Serialize)]
+struct ProcessStatus {
+    pid: u32,
+    acquisitions: u64,
+    busy: u64,
+}
+
+/// One database (schema) of the connection.
+#[derive(Serialize)]
+struct Database {
+    schema: String,
+    file: String,
+    vfs: Option<String>,
+    /// This connection takes the lock when it writes.
+    protected: bool,
+    lock_file: Option<String>,
+    holding: bool,
+    error: Option<String>,
+    /// Only for files opened through this VFS.
+    #[serde(flatten)]
+    ours: Option<Details>,
+}
+
+/// What a file of ours adds: the holder now, the counters, the options.
+#[derive(Serialize)]
+struct Details {
+    borrowed: bool,
+    holder_pid: Option<u32>,
+    held_for_ms: Option<u64>,
+    acquisitions: u64,
+    contended: u64,
+    queued: u64,
+    queue_granted: u64,
+    busy: u64,
+    wait_total_ms: f64,
+    wait_max_ms: f64,
+    hold_total_ms: f64,
+    hold_max_ms: f64,
+    scans: u64,
+    borrows: u64,
+    reopens: u64,
+    split_waits: u64,
+    options: OptionsStatus,
+}
+
+/// The options in force.
+#[derive(Serialize)]
+struct OptionsStatus {
+    hold_warn_ms: u64,
+    checkpoint_wait_ms: u64,
+    queue: bool,
+    queue_ahead_ms: u64,
+    allow_network_fs: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Database {
+    fn new(
+        schema: String,
+        file: String,
+        vfs: Option<String>,
+        r: Option<vfs::HandleReport>,
+    ) -> Database {
+        let Some(r) = r else {
+            return Database {
+                schema,
+                file,
+                vfs,
+                protected: false,
+                lock_file: None,
+                holding: false,
+                error: None,
+                ours: None,
+            };
+        };
+        let holder = r
+            .lock_path
+            .as_deref()
+            .and_then(writelock_core::holder::current_holder);
+        let (c, l, o) = (r.counters, r.lock_counters, r.options);
+        Database {
+            schema,
+            file,
+            vfs,
+            protected: r.protected,
+            lock_file: r
+                .lock_path
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            holding: r.holding,
+            error: r.error,
+            ours: Some(Details {
+                borrowed: r.borrowed,
+                holder_pid: holder.as_ref().map(|h| h.pid),
+                held_for_ms: holder
+                    .and_then(|h| h.held_for)
+                    .map(|d| d.as_millis() as u64),
+                acquisitions: c.acquisitions,
+                contended: c.contended,
+                queued: c.queued,
+                queue_granted: c.queue_granted,
+                busy: c.busy,
+                wait_total_ms: ms(c.wait_total),
+                wait_max_ms: ms(c.wait_max),
+                hold_total_ms: ms(c.hold_total),
+                hold_max_ms: ms(c.hold_max),
+                scans: l.scans,
+                borrows: l.borrows,
+                reopens: l.reopens,
+                split_waits: l.split_waits,
+                options: OptionsStatus {
+                    hold_warn_ms: o.hold_warn.as_millis() as u64,
+                    checkpoint_wait_ms: o.checkpoint_wait.as_millis() as u64,
+                    queue: o.queue,
+                    queue_ahead_ms: o.queue_ahead.as_millis() as u64,
+                    allow_network_fs: o.allow_network_fs,
+                },
+            }),
+        }
+    }
 }
 
 /// The status document for `db`.
 ///
 /// # Safety
 /// `db` is a live connection the caller is inside of.
-unsafe fn status(db: *mut ffi::sqlite3) -> Value {
-    let mut dbs = Vec::new();
-    for (schema, file) in database_list(db) {
-        let vfs_name = vfs_of(db, &schema);
-        let mut entry = json!({
-            "schema": schema.to_string_lossy(),
-            "file": file,
-            "vfs": vfs_name,
-        });
-        let o = entry.as_object_mut().expect("object literal");
-        match vfs::report(file_of(db, &schema)) {
-            Some(r) => {
-                o.insert("protected".into(), json!(r.protected));
-                o.insert(
-                    "lock_file".into(),
-                    json!(r.lock_path.as_deref().map(vfs::display_path)),
-                );
-                o.insert("holding".into(), json!(r.holding));
-                o.insert("borrowed".into(), json!(r.borrowed));
-                o.insert("error".into(), json!(r.error));
-                let c = r.counters;
-                let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-                o.insert("acquisitions".into(), json!(c.acquisitions));
-                o.insert("contended".into(), json!(c.contended));
-                o.insert("queued".into(), json!(c.queued));
-                o.insert("queue_granted".into(), json!(c.queue_granted));
-                o.insert("busy".into(), json!(c.busy));
-                o.insert("wait_total_ms".into(), json!(ms(c.wait_total)));
-                o.insert("wait_max_ms".into(), json!(ms(c.wait_max)));
-                o.insert("hold_total_ms".into(), json!(ms(c.hold_total)));
-                o.insert("hold_max_ms".into(), json!(ms(c.hold_max)));
-                let l = r.lock_counters;
-                o.insert("scans".into(), json!(l.scans));
-                o.insert("borrows".into(), json!(l.borrows));
-                o.insert("reopens".into(), json!(l.reopens));
-                o.insert("split_waits".into(), json!(l.split_waits));
-                let holder = r
-                    .lock_path
-                    .as_deref()
-                    .and_then(crate::holder::current_holder);
-                o.insert("holder_pid".into(), json!(holder.as_ref().map(|h| h.pid)));
-                o.insert(
-                    "held_for_ms".into(),
-                    json!(holder
-                        .and_then(|h| h.held_for)
-                        .map(|d| d.as_millis() as u64)),
-                );
-                o.insert(
-                    "options".into(),
-                    json!({
-                        "hold_warn_ms": r.options.hold_warn.as_millis() as u64,
-                        "checkpoint_wait_ms": r.options.checkpoint_wait.as_millis() as u64,
-                        "queue": r.options.queue,
-                        "queue_ahead_ms": r.options.queue_ahead.as_millis() as u64,
-                        "allow_network_fs": r.options.allow_network_fs,
-                    }),
-                );
-            }
-            None => {
-                o.insert("protected".into(), json!(false));
-                o.insert("lock_file".into(), Value::Null);
-                o.insert("holding".into(), json!(false));
-                o.insert("error".into(), Value::Null);
-            }
-        }
-        dbs.push(entry);
+unsafe fn status(db: *mut ffi::sqlite3) -> Status {
+    // SAFETY: per the caller.
+    let databases = unsafe {
+        database_list(db)
+            .into_iter()
+            .map(|(schema, file)| {
+                let vfs_name = vfs_of(db, &schema);
+                let r = vfs::report(file_of(db, &schema));
+                Database::new(schema.to_string_lossy().into_owned(), file, vfs_name, r)
+            })
+            .collect()
+    };
+    let (acquisitions, busy) = writelock_core::stats::GLOBAL.snapshot();
+    Status {
+        version: VERSION,
+        // SAFETY: per the caller.
+        vfs: unsafe { vfs_of(db, c"main") },
+        databases,
+        process: ProcessStatus {
+            pid: std::process::id(),
+            acquisitions,
+            busy,
+        },
     }
-    let main_vfs = vfs_of(db, c"main");
-    let (acq, busy) = crate::stats::GLOBAL.snapshot();
-    json!({
-        "version": VERSION,
-        "vfs": main_vfs,
-        "databases": dbs,
-        "process": { "pid": std::process::id(), "acquisitions": acq, "busy": busy },
-    })
 }
 
 unsafe extern "C" fn fn_status(
@@ -191,7 +297,7 @@ unsafe extern "C" fn fn_status(
     let r = std::panic::catch_unwind(|| {
         // SAFETY: SQLite calls us inside a statement of this live connection.
         let doc = unsafe { status(ffi::sqlite3_context_db_handle(ctx)) };
-        result_text(ctx, &doc.to_string());
+        result_text(ctx, &serde_json::to_string(&doc).unwrap_or_default());
     });
     if r.is_err() {
         // SAFETY: `ctx` is live; the message is a static C string.
@@ -210,17 +316,20 @@ pub(crate) unsafe fn register_functions(db: *mut ffi::sqlite3) -> c_int {
         (c"writelock_status", fn_status, 0),
     ];
     for (name, f, extra) in fns {
-        let rc = ffi::sqlite3_create_function_v2(
-            db,
-            name.as_ptr(),
-            0,
-            ffi::SQLITE_UTF8 | extra,
-            ptr::null_mut(),
-            Some(f),
-            None,
-            None,
-            None,
-        );
+        // SAFETY: `db` is live (per the caller); static names and functions.
+        let rc = unsafe {
+            ffi::sqlite3_create_function_v2(
+                db,
+                name.as_ptr(),
+                0,
+                ffi::SQLITE_UTF8 | extra,
+                ptr::null_mut(),
+                Some(f),
+                None,
+                None,
+                None,
+            )
+        };
         if rc != ffi::SQLITE_OK {
             return rc;
         }

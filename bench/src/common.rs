@@ -156,11 +156,7 @@ pub fn connect(db: &Path, mode: Mode, journal: Journal) -> Connection {
 }
 
 /// `<db>.lock`: the application-level flock's file and the extension's.
-pub fn lock_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
-}
+pub use writelock_core::lockfile::lock_path_for as lock_path;
 
 /// The task-queue schema.
 pub const SCHEMA: &str = "

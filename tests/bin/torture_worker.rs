@@ -186,11 +186,7 @@ fn probe(db: &Path) {
     }
 }
 
-fn lock_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
-}
+use writelock_core::lockfile::lock_path_for as lock_path;
 
 fn connect(cfg: &Cfg, busy: Duration) -> rusqlite::Result<Connection> {
     let vfs = match cfg.mode {

@@ -87,11 +87,7 @@ pub fn create_table(db: &Path, journal: &str) {
 }
 
 /// `<db>.lock` for a database path.
-pub fn lock_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
-}
+pub use writelock_core::lockfile::lock_path_for as lock_path;
 
 /// Whether `flock -n <db>.lock true` (util-linux flock(1), a separate process)
 /// gets the lock right now.

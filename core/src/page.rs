@@ -162,98 +162,10 @@ pub fn mono_ns() -> u64 {
     t.unwrap_or(0)
 }
 
-/// The mapping and the calls that need `unsafe`: one small place.
-mod sys {
-    use super::*;
-
-    /// A `MAP_SHARED` mapping of [`PAGE_LEN`] bytes of a file.
-    pub struct Mapping {
-        base: *mut u8,
-    }
-
-    // SAFETY: the mapping is only accessed through atomics (here and in
-    // every other process), so sharing it between threads is sound.
-    unsafe impl Send for Mapping {}
-    unsafe impl Sync for Mapping {}
-
-    impl Mapping {
-        /// Map the first [`PAGE_LEN`] bytes of `f` (at least that long).
-        pub fn new(f: &File) -> std::io::Result<Mapping> {
-            // SAFETY: a fresh shared mapping of a file we keep open; the
-            // kernel picks the address. The file is at least PAGE_LEN long
-            // (checked by the caller), so every byte we touch is backed.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    PAGE_LEN,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    f.as_raw_fd(),
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(Mapping { base: p as *mut u8 })
-        }
-
-        pub fn u32_at(&self, off: usize) -> &AtomicU32 {
-            assert!(off.is_multiple_of(4) && off + 4 <= PAGE_LEN);
-            // SAFETY: in bounds, aligned (the mapping is page-aligned), and
-            // valid while `self` lives; every party accesses it atomically.
-            unsafe { AtomicU32::from_ptr(self.base.add(off) as *mut u32) }
-        }
-
-        pub fn u64_at(&self, off: usize) -> &AtomicU64 {
-            assert!(off.is_multiple_of(8) && off + 8 <= PAGE_LEN);
-            // SAFETY: as `u32_at`.
-            unsafe { AtomicU64::from_ptr(self.base.add(off) as *mut u64) }
-        }
-    }
-
-    impl Drop for Mapping {
-        fn drop(&mut self) {
-            // SAFETY: unmapping what `new` mapped; no reference outlives
-            // `self` (all accessors borrow it).
-            unsafe { libc::munmap(self.base as *mut libc::c_void, PAGE_LEN) };
-        }
-    }
-
-    /// Sleep while `*word == expected`, at most `timeout` (shared futex:
-    /// other processes mapping the same file wake it). Spurious returns
-    /// are fine: callers re-check.
-    pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: FUTEX_WAIT (not PRIVATE: the word is shared between
-        // processes) on a valid, aligned u32 with a relative timeout.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAIT,
-                expected,
-                &ts as *const libc::timespec,
-            );
-        }
-    }
-
-    /// Wake at most `n` sleepers on `word`.
-    pub fn futex_wake(word: &AtomicU32, n: i32) {
-        // SAFETY: FUTEX_WAKE on a valid, aligned u32.
-        unsafe {
-            libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n);
-        }
-    }
-}
-
 /// One database's shared page, mapped once per process and shared by all of
 /// the process's handles on that database.
 pub struct Page {
-    map: sys::Mapping,
+    map: crate::sys::Mapping,
     file: File,
     key: (u64, u64),
     /// When this process last logged who holds the lock (ms since the epoch):
@@ -280,7 +192,7 @@ impl Page {
             // Only ever grow it: a mapping of a shrunk file faults.
             file.set_len(PAGE_LEN as u64)?;
         }
-        let map = sys::Mapping::new(&file)?;
+        let map = crate::sys::Mapping::new(&file, PAGE_LEN)?;
         let magic = map.u32_at(OFF_MAGIC);
         match magic.compare_exchange(0, MAGIC, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => map.u32_at(OFF_VERSION).store(VERSION, Ordering::Release),
@@ -546,7 +458,7 @@ impl Page {
 
     /// The owner sleeps until woken or `timeout` passes.
     pub fn sleep_in_slot(&self, i: usize, timeout: Duration) {
-        sys::futex_wait(self.slot_u32(i, S_STATE), WAITING, timeout);
+        crate::sys::futex_wait(self.slot_u32(i, S_STATE), WAITING, timeout);
     }
 
     /// The live waiting slots, oldest first: `(slot, pid, arrival_ns)`.
@@ -597,7 +509,7 @@ impl Page {
                 .compare_exchange(WAITING, WOKEN, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok();
             if woke || state.load(Ordering::Acquire) == WOKEN {
-                sys::futex_wake(state, 1);
+                crate::sys::futex_wake(state, 1);
                 return;
             }
         }

@@ -15,11 +15,14 @@ pub static GLOBAL: Global = Global {
 };
 
 impl Global {
-    pub(crate) fn acquired(&self) {
-        self.acquisitions.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn busy(&self) {
-        self.busy.fetch_add(1, Relaxed);
+    /// Count `acquisitions` and `busy` returns of one call.
+    pub fn add(&self, acquisitions: u64, busy: u64) {
+        if acquisitions != 0 {
+            self.acquisitions.fetch_add(acquisitions, Relaxed);
+        }
+        if busy != 0 {
+            self.busy.fetch_add(busy, Relaxed);
+        }
     }
     /// `(acquisitions, busy returns)` so far in this process.
     pub fn snapshot(&self) -> (u64, u64) {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::libc;
 
-use crate::page::{flags, Page};
+use crate::page::{flags, HolderRecord, Page};
 use crate::process;
 
 /// Why `<db>.lock` cannot serve as the writer lock. Every variant names the path.
@@ -276,30 +276,32 @@ fn token() -> u32 {
     }
 }
 
-/// The calls that need `unsafe`, kept together.
-mod sys {
-    use super::*;
+use crate::sys;
 
-    /// `flock(fd, op)`; nix's `Flock` would take ownership of the file and
-    /// unlock on drop, which a forked child must never do.
-    pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
-    }
-
-    /// `(dev, ino, nlink)` of whatever descriptor `fd` is now (None if closed).
-    pub fn fstat(fd: RawFd) -> Option<(u64, u64, u64)> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: fstat writes a whole `stat` on success; `fd` may be any
-        // number (EBADF if closed), which touches no memory of ours.
-        let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
-        if rc != 0 {
-            return None;
+/// Record this process as borrowing holder. The record seen before the look
+/// through the descriptors may have changed since: a holder letting go
+/// clears its marked record, a dead one's may be taken over. Either is
+/// replaced; a live holder's unmarked record is not (the application let go
+/// meanwhile and the extension elsewhere took the lock).
+fn claim_borrowed(
+    p: &Page,
+    mut seen: Option<HolderRecord>,
+    me: u32,
+    file: (u64, u64),
+) -> Option<u64> {
+    for _ in 0..8 {
+        if let Some(w) = p.claim(seen, me, token(), flags::BORROWED, file) {
+            return Some(w);
         }
-        // SAFETY: initialised by the successful call.
-        let st = unsafe { st.assume_init() };
-        Some((st.st_dev, st.st_ino, st.st_nlink))
+        seen = p.holder();
+        if let Some(h) = seen {
+            let letting_go = h.flags & flags::RELEASING != 0;
+            if !letting_go && (h.pid == me || process::alive(h.pid)) {
+                return None;
+            }
+        }
     }
+    None
 }
 
 /// What a look through this process's descriptors found on one lock file.
@@ -687,7 +689,7 @@ impl LockFile {
         if self.ofd_lock(BORROW_BYTE, libc::F_WRLCK)? {
             let claimed = match &self.page {
                 None => true,
-                Some(p) => match p.claim(seen, me, token(), flags::BORROWED, self.key) {
+                Some(p) => match claim_borrowed(p, seen, me, self.key) {
                     Some(w) => {
                         self.record = w;
                         true

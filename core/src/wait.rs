@@ -30,7 +30,10 @@ use std::time::{Duration, Instant};
 
 use crate::lockfile::LockFile;
 use crate::page::{mono_ns, Page};
-use crate::protocol::{Protocol, INTENT_TTL};
+use crate::protocol::{HeldLong, Protocol, INTENT_TTL};
+
+/// Where a long hold is reported: the database's label, and the hold.
+pub type HoldReport = fn(&str, HeldLong);
 
 /// The oldest waiter polls for holders that wake nobody this often.
 pub const POLL_OLDEST: Duration = Duration::from_millis(1);
@@ -259,7 +262,7 @@ pub fn arm_intent_expiry(h: &Arc<Handle>) {
 /// `writelock_hold_warn_ms` is warned about while it still lasts. One watch
 /// per handle at a time: the first acquisition arms it, it re-arms itself
 /// for the hold in progress, and lapses when the handle holds nothing.
-pub fn arm_hold_watch(h: &Arc<Handle>, st: &mut State, log: fn(i32, &str)) {
+pub fn arm_hold_watch(h: &Arc<Handle>, st: &mut State, report: HoldReport) {
     if st.w.hold_watch || st.p.options.hold_warn.is_zero() {
         return;
     }
@@ -267,28 +270,29 @@ pub fn arm_hold_watch(h: &Arc<Handle>, st: &mut State, log: fn(i32, &str)) {
         return;
     };
     st.w.hold_watch = true;
-    schedule_hold_watch(Arc::downgrade(h), since + st.p.options.hold_warn, log);
+    schedule_hold_watch(Arc::downgrade(h), since + st.p.options.hold_warn, report);
 }
 
-fn schedule_hold_watch(w: Weak<Handle>, due: Instant, log: fn(i32, &str)) {
+fn schedule_hold_watch(w: Weak<Handle>, due: Instant, report: HoldReport) {
     crate::timer::at(due, move || {
         let Some(h) = w.upgrade() else { return };
         let mut st = h.lock();
-        let warning = st.p.long_hold_warning(crate::process::pid());
+        let long = st.p.long_hold();
         let next = match (st.p.held_since(), st.p.options.hold_warn) {
             (_, warn) if warn.is_zero() => None,
-            (Some(since), warn) if warning.is_none() && since + warn > Instant::now() => {
+            (Some(since), warn) if long.is_none() && since + warn > Instant::now() => {
                 Some(since + warn)
             }
             _ => None,
         };
         st.w.hold_watch = next.is_some();
+        let label = st.p.label.clone();
         drop(st);
-        if let Some(msg) = warning {
-            log(libsqlite3_sys::SQLITE_WARNING, &msg);
+        if let Some(long) = long {
+            report(&label, long);
         }
         if let Some(due) = next {
-            schedule_hold_watch(w, due, log);
+            schedule_hold_watch(w, due, report);
         }
     });
 }

@@ -12,9 +12,9 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use writelock::holder::{cmdline, current_holder, holder_and_waiters};
-use writelock::lockfile::{kind_of, lock_path_for, resolve_db_path, LockFile, Opener};
-use writelock::page::now_ms;
+use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
+use writelock_core::lockfile::{kind_of, lock_path_for, resolve_db_path, LockFile, Opener};
+use writelock_core::page::now_ms;
 
 const EXIT_HELP: &str = "\
 The lock file is <resolved database path>.lock: symlinks are resolved as
@@ -214,7 +214,7 @@ struct Waiter {
 /// Everyone waiting: the extension's queue first (in arrival order), then
 /// the kernel's `flock` waiters.
 fn waiters(lock: &Path, flock_waiters: Vec<u32>) -> Vec<Waiter> {
-    let queued = writelock::page::peek(lock)
+    let queued = writelock_core::page::peek(lock)
         .map(|s| s.waiters)
         .unwrap_or_default();
     queued

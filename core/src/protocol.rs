@@ -15,22 +15,107 @@
 //! "am I the last connection?" test that checkpoints and deletes `-wal` and
 //! `-shm`) is refused while anyone else is attached. See `docs/protocol.md`.
 //!
-//! Two exceptions, both from SQLite's internals (see DESIGN.md):
+//! Two exceptions, both from SQLite's internals:
 //! * WAL recovery / header check: slot 0 requested while the handle holds no
 //!   shared-memory lock at all. It rebuilds the `-shm` index and never writes
 //!   the database; demanding the flock there turns a plain read into a
 //!   multi-second wait or `SQLITE_PROTOCOL`. It passes through.
-//! * Every escalation is non-blocking: contended means `SQLITE_BUSY`, and the
-//!   connection's busy handler (which first drops its read lock) decides.
+//! * Every escalation is non-blocking: contended means [`Refusal::Busy`], and
+//!   the connection's busy handler (which first drops its read lock) decides.
 //!
-//! The inner SQLite call is passed in as a closure returning its result code,
-//! so this module is driven by unit tests without SQLite.
+//! Everything here is typed: lock levels, shared-memory requests, refusals and
+//! events. The inner SQLite call is a closure returning `Result<(), E>` for
+//! whatever error type the caller uses; the shim turns C ints into these
+//! types on the way in and back on the way out, and nothing here knows a
+//! SQLite result code.
 
 use std::time::{Duration, Instant};
 
+use crate::clock::{Clock, SystemClock};
 use crate::lockfile::{LockError, Shadow};
 use crate::options::Options;
-use libsqlite3_sys as ffi;
+
+/// SQLite's lock levels on the database file (`xLock`, `xUnlock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LockLevel {
+    None,
+    Shared,
+    Reserved,
+    Pending,
+    Exclusive,
+}
+
+/// The slots of an `xShmLock` request: `count` slots from `first` (SQLite
+/// has 8: 0 the WAL write lock, 1 the checkpoint lock, 2 recovery, 3.. read
+/// marks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    pub first: u8,
+    pub count: u8,
+}
+
+impl Slots {
+    fn mask(self) -> u32 {
+        (self.first as u32..(self.first as u32 + self.count as u32).min(32))
+            .fold(0, |m, i| m | (1u32 << i))
+    }
+}
+
+/// An `xShmLock` request's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShmMode {
+    Shared,
+    Exclusive,
+}
+
+/// An `xShmLock` request: take or let go of `slots` in `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShmOp {
+    Lock(Slots, ShmMode),
+    Unlock(Slots, ShmMode),
+}
+
+/// Why a call of the protocol did not go through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal<E> {
+    /// Held elsewhere, or readers or a writer in the way: `SQLITE_BUSY`.
+    Busy,
+    /// The inner (SQLite's own) call failed with this.
+    Inner(E),
+    /// The lock file failed. `unusable`: it cannot serve at all (cannot be
+    /// opened, not a regular file); otherwise an I/O error. The error itself
+    /// is in [`Events::failure`].
+    LockFile { unusable: bool },
+}
+
+/// What the shim should act on after a call (see [`Protocol::take_events`]).
+#[derive(Debug, Default)]
+pub struct Events {
+    /// An attempt was refused because another holder has the lock: the shim
+    /// may say who (off the connection's path: the look is slow). At most
+    /// once a second per handle.
+    pub refused: bool,
+    /// A write intent was taken: the shim arms its expiry.
+    pub intent: bool,
+    /// The lock was taken: the shim arms the long-hold watch if needed.
+    pub acquired: bool,
+    /// How many times [`Refusal::Busy`] was returned.
+    pub busy: u32,
+    /// A hold ended after `held`, at least the warning threshold, and was
+    /// not warned about while it lasted.
+    pub held_long: Option<HeldLong>,
+    /// The lock file failed (logged once by the shim).
+    pub failure: Option<String>,
+}
+
+/// A long hold: how long, and the threshold it passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLong {
+    pub held: Duration,
+    pub threshold: Duration,
+    /// Still held when reported (the timer's warning) or ended (release).
+    pub still_held: bool,
+}
 
 /// The lock on `<db>.lock`, as the protocol needs it (a trait so tests can fake it).
 pub trait WriterFlock {
@@ -108,7 +193,7 @@ pub struct Counters {
 /// Attempts further apart than this belong to different waits.
 pub const EPISODE_GAP: Duration = Duration::from_secs(1);
 
-/// `SQLITE_BUSY` log lines per handle are at most this frequent.
+/// Who holds the lock is asked about at most this often per handle.
 const BUSY_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Why the handle is a writer; the flock is held while any bit is set.
@@ -139,21 +224,12 @@ const READ_SLOTS: u32 = !0b111;
 // flock at the WAL write lock, through its busy handler as in stock SQLite,
 // and a passive one may not write the database file until it has the flock.
 
-/// Something the shim should act on after a step (bits of [`Protocol::events`]).
-pub mod event {
-    /// An attempt was refused because another holder has the lock: the shim
-    /// may log who (off this path: the look is slow).
-    pub const REFUSED: u8 = 1;
-    /// A write intent was taken: the shim arms its expiry.
-    pub const INTENT: u8 = 2;
-    /// The lock was taken: the shim arms the long-hold warning if needed.
-    pub const ACQUIRED: u8 = 4;
-}
-
-/// Per-handle lock state. Generic over the flock so tests can inject failures.
-pub struct Protocol<F> {
+/// Per-handle lock state. Generic over the flock so tests can inject
+/// failures, and over the clock so they can move time.
+pub struct Protocol<F, C = SystemClock> {
     flock: F,
-    level: i32,
+    clock: C,
+    level: LockLevel,
     shm_excl: u32,
     shm_shared: u32,
     shadow: Shadow,
@@ -166,13 +242,11 @@ pub struct Protocol<F> {
     shared_wanted: bool,
     why: u8,
     held: bool,
-    /// Last error from the lock file, kept for messages and status.
+    /// Last error from the lock file, kept for status.
     pub last_error: Option<String>,
-    /// An error or warning not yet written to SQLite's log (the shim drains it).
-    pub unlogged: Option<(i32, String)>,
     /// Options in force (URI parameters, PRAGMAs).
     pub options: Options,
-    /// The database path, for log messages.
+    /// The database path, for messages.
     pub label: String,
     wait_since: Option<Instant>,
     /// Set when an escalation was refused for the flock: the busy handler
@@ -193,25 +267,24 @@ pub struct Protocol<F> {
     /// The hold that was warned about already (its start).
     warned_hold: Option<Instant>,
     last_busy_log: Option<Instant>,
-    /// [`event`] bits for the shim, drained by [`Self::take_events`].
-    events: u8,
+    events: Events,
     pub counters: Counters,
 }
 
-fn range_mask(ofst: i32, n: i32) -> u32 {
-    if !(0..32).contains(&ofst) || n <= 0 {
-        return 0;
+impl<F: WriterFlock> Protocol<F> {
+    /// A handle with no SQLite lock and no flock, on the system clock.
+    pub fn new(flock: F) -> Self {
+        Protocol::with_clock(flock, SystemClock)
     }
-    let end = (ofst + n).min(32);
-    (ofst..end).fold(0, |m, i| m | (1u32 << i))
 }
 
-impl<F: WriterFlock> Protocol<F> {
-    /// A handle with no SQLite lock and no flock.
-    pub fn new(flock: F) -> Self {
+impl<F: WriterFlock, C: Clock> Protocol<F, C> {
+    /// A handle with no SQLite lock and no flock, on `clock`.
+    pub fn with_clock(flock: F, clock: C) -> Self {
         Protocol {
             flock,
-            level: ffi::SQLITE_LOCK_NONE,
+            clock,
+            level: LockLevel::None,
             shm_excl: 0,
             shm_shared: 0,
             shadow: Shadow::Unlocked,
@@ -221,7 +294,6 @@ impl<F: WriterFlock> Protocol<F> {
             why: 0,
             held: false,
             last_error: None,
-            unlogged: None,
             options: Options::default(),
             label: String::new(),
             wait_since: None,
@@ -235,9 +307,14 @@ impl<F: WriterFlock> Protocol<F> {
             held_since: None,
             warned_hold: None,
             last_busy_log: None,
-            events: 0,
+            events: Events::default(),
             counters: Counters::default(),
         }
+    }
+
+    /// The clock this handle measures time with.
+    pub fn clock(&self) -> &C {
+        &self.clock
     }
 
     /// The shadow lock this handle holds now.
@@ -255,8 +332,8 @@ impl<F: WriterFlock> Protocol<F> {
         &self.flock
     }
 
-    /// The [`event`] bits since the last call, clearing them.
-    pub fn take_events(&mut self) -> u8 {
+    /// What happened since the last call, clearing it.
+    pub fn take_events(&mut self) -> Events {
         std::mem::take(&mut self.events)
     }
 
@@ -265,34 +342,34 @@ impl<F: WriterFlock> Protocol<F> {
         self.held_since
     }
 
-    /// A warning for the current hold if it has lasted at least
-    /// `writelock_hold_warn_ms` and was not warned about yet (the shim's
-    /// timer asks while the hold lasts).
-    pub fn long_hold_warning(&mut self, pid: u32) -> Option<String> {
+    /// The current hold if it has lasted at least `writelock_hold_warn_ms`
+    /// and was not reported yet (the shim's timer asks while it lasts).
+    pub fn long_hold(&mut self) -> Option<HeldLong> {
         let since = self.held_since?;
-        let warn = self.options.hold_warn;
-        let h = since.elapsed();
-        if warn.is_zero() || h < warn || self.warned_hold == Some(since) {
+        let threshold = self.options.hold_warn;
+        let held = self.clock.now().saturating_duration_since(since);
+        if threshold.is_zero() || held < threshold || self.warned_hold == Some(since) {
             return None;
         }
         self.warned_hold = Some(since);
-        Some(format!(
-            "writelock: process {pid} has held the write lock on {} for {} ms, and still holds it (warning threshold {} ms)",
-            self.label,
-            h.as_millis(),
-            warn.as_millis()
-        ))
+        Some(HeldLong {
+            held,
+            threshold,
+            still_held: true,
+        })
     }
 
-    fn note_error(&mut self, rc: i32, e: LockError) {
+    fn failed<E>(&mut self, e: LockError) -> Refusal<E> {
+        let unusable = matches!(e, LockError::Open { .. } | LockError::NotRegular { .. });
         let msg = e.to_string();
         self.last_error = Some(msg.clone());
-        self.unlogged = Some((rc, msg));
+        self.events.failure = Some(msg);
+        Refusal::LockFile { unusable }
     }
 
     /// Add a reason to be a writer; takes the flock on the first one.
-    /// `Err(rc)` leaves the state unchanged.
-    fn enter(&mut self, reason: u8) -> Result<(), i32> {
+    /// A refusal leaves the state unchanged.
+    fn enter<E>(&mut self, reason: u8) -> Result<(), Refusal<E>> {
         if self.why & why::INTENT != 0 {
             // The lock taken while the busy handler slept: now a real write.
             self.why = (self.why & !why::INTENT) | reason;
@@ -300,8 +377,7 @@ impl<F: WriterFlock> Protocol<F> {
             return Ok(());
         }
         if self.why == 0 && !self.held {
-            let got = self.flock.try_acquire();
-            match got {
+            match self.flock.try_acquire() {
                 Ok(true) => self.acquired(),
                 Ok(false) => {
                     self.counters.contended += 1;
@@ -309,16 +385,7 @@ impl<F: WriterFlock> Protocol<F> {
                     self.intent_wanted = true;
                     return Err(self.busy());
                 }
-                Err(e) => {
-                    let rc = match e {
-                        LockError::Open { .. } | LockError::NotRegular { .. } => {
-                            ffi::SQLITE_CANTOPEN
-                        }
-                        _ => ffi::SQLITE_IOERR_LOCK,
-                    };
-                    self.note_error(rc, e);
-                    return Err(rc);
-                }
+                Err(e) => return Err(self.failed(e)),
             }
         }
         self.why |= reason;
@@ -326,31 +393,35 @@ impl<F: WriterFlock> Protocol<F> {
     }
 
     fn acquired(&mut self) {
-        let now = Instant::now();
+        let now = self.clock.now();
         self.held = true;
         self.held_since = Some(now);
-        self.events |= event::ACQUIRED;
+        self.events.acquired = true;
         self.counters.acquisitions += 1;
-        crate::stats::GLOBAL.acquired();
         if let Some(t0) = self.wait_since.take() {
-            let w = now - t0;
+            let w = now.saturating_duration_since(t0);
             self.counters.wait_total += w;
             self.counters.wait_max = self.counters.wait_max.max(w);
         }
     }
 
     /// A refused attempt: start or continue a wait, and ask the shim to say
-    /// who holds the lock (at most once a second per handle; the look itself
-    /// happens off the connection's path).
+    /// who holds the lock (at most once a second per handle).
     fn contended(&mut self) {
-        let now = Instant::now();
-        if self.last_attempt.is_none_or(|t| now - t > EPISODE_GAP) {
+        let now = self.clock.now();
+        if self
+            .last_attempt
+            .is_none_or(|t| now.saturating_duration_since(t) > EPISODE_GAP)
+        {
             self.wait_since = Some(now);
         }
         self.last_attempt = Some(now);
-        if self.last_busy_log.is_none_or(|t| now - t >= BUSY_LOG_EVERY) {
+        if self
+            .last_busy_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= BUSY_LOG_EVERY)
+        {
             self.last_busy_log = Some(now);
-            self.events |= event::REFUSED;
+            self.events.refused = true;
         }
     }
 
@@ -358,20 +429,17 @@ impl<F: WriterFlock> Protocol<F> {
         self.flock.release();
         self.held = false;
         if let Some(t0) = self.held_since.take() {
-            let h = t0.elapsed();
-            self.counters.hold_total += h;
-            self.counters.hold_max = self.counters.hold_max.max(h);
-            let warn = self.options.hold_warn;
+            let held = self.clock.now().saturating_duration_since(t0);
+            self.counters.hold_total += held;
+            self.counters.hold_max = self.counters.hold_max.max(held);
+            let threshold = self.options.hold_warn;
             // Warned while held already (the shim's timer): not again.
-            if !warn.is_zero() && h >= warn && self.warned_hold != Some(t0) {
-                let msg = format!(
-                    "writelock: process {} held the write lock on {} for {} ms (warning threshold {} ms)",
-                    std::process::id(),
-                    self.label,
-                    h.as_millis(),
-                    warn.as_millis()
-                );
-                self.unlogged.get_or_insert((ffi::SQLITE_WARNING, msg));
+            if !threshold.is_zero() && held >= threshold && self.warned_hold != Some(t0) {
+                self.events.held_long.get_or_insert(HeldLong {
+                    held,
+                    threshold,
+                    still_held: false,
+                });
             }
         }
     }
@@ -384,78 +452,70 @@ impl<F: WriterFlock> Protocol<F> {
         }
     }
 
-    /// Move the shadow lock; `Err(rc)` on a system error (logged).
-    fn set_shadow(&mut self, to: Shadow) -> Result<bool, i32> {
+    /// Move the shadow lock: `Ok(false)` when another handle's conflicts.
+    fn set_shadow<E>(&mut self, to: Shadow) -> Result<bool, Refusal<E>> {
         match self.flock.shadow(to) {
             Ok(true) => {
                 self.shadow = to;
                 Ok(true)
             }
             Ok(false) => Ok(false),
-            Err(e) => {
-                self.note_error(ffi::SQLITE_IOERR_LOCK, e);
-                Err(ffi::SQLITE_IOERR_LOCK)
-            }
+            Err(e) => Err(self.failed(e)),
         }
     }
 
     /// Best effort on paths that cannot fail (unlock, undo): an error is
     /// noted and the handle keeps believing it holds the stronger lock.
     fn lower_shadow(&mut self, to: Shadow) {
-        let _ = self.set_shadow(to);
+        let _ = self.set_shadow::<()>(to);
     }
 
-    fn busy(&mut self) -> i32 {
+    fn busy<E>(&mut self) -> Refusal<E> {
         self.counters.busy += 1;
-        crate::stats::GLOBAL.busy();
-        ffi::SQLITE_BUSY
+        self.events.busy += 1;
+        Refusal::Busy
     }
 
     /// `xLock(level)`: shadow read before SHARED; the flock before RESERVED
     /// or above; shadow write before EXCLUSIVE. Any step that fails undoes
     /// the steps before it, and a failed inner lock undoes them all.
-    pub fn lock(&mut self, level: i32, inner: impl FnOnce() -> i32) -> i32 {
+    pub fn lock<E>(
+        &mut self,
+        level: LockLevel,
+        inner: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), Refusal<E>> {
         self.expire_intent();
         let took_read = self.shadow == Shadow::Unlocked;
         if took_read {
             if let Err(e) = self.flock.refresh() {
-                self.note_error(ffi::SQLITE_IOERR_LOCK, e);
-                return ffi::SQLITE_IOERR_LOCK;
+                return Err(self.failed(e));
             }
             // Like SQLite's PENDING: a writer waiting for EXCLUSIVE stops new readers.
             match self.flock.pending_elsewhere() {
                 Ok(false) => {}
                 Ok(true) => {
                     self.shared_wanted = true;
-                    return self.busy();
+                    return Err(self.busy());
                 }
-                Err(e) => {
-                    self.note_error(ffi::SQLITE_IOERR_LOCK, e);
-                    return ffi::SQLITE_IOERR_LOCK;
-                }
+                Err(e) => return Err(self.failed(e)),
             }
-            match self.set_shadow(Shadow::Read) {
-                Ok(true) => {}
-                Ok(false) => {
-                    // A writer holds EXCLUSIVE.
-                    self.shared_wanted = true;
-                    return self.busy();
-                }
-                Err(rc) => return rc,
+            if !self.set_shadow(Shadow::Read)? {
+                // A writer holds EXCLUSIVE.
+                self.shared_wanted = true;
+                return Err(self.busy());
             }
         }
-        let newly = level >= ffi::SQLITE_LOCK_RESERVED && self.why & why::XLOCK == 0;
+        let newly = level >= LockLevel::Reserved && self.why & why::XLOCK == 0;
         if newly {
-            if let Err(rc) = self.enter(why::XLOCK) {
+            if let Err(r) = self.enter(why::XLOCK) {
                 if took_read {
                     self.lower_shadow(Shadow::Unlocked);
                 }
-                return rc;
+                return Err(r);
             }
         }
-        let took_write = level >= ffi::SQLITE_LOCK_EXCLUSIVE && self.shadow != Shadow::Write;
-        let took_pending = took_write && !self.pending;
-        if took_pending {
+        let took_write = level >= LockLevel::Exclusive && self.shadow != Shadow::Write;
+        if took_write && !self.pending {
             // Only flock holders get here, so nobody else holds it.
             if self.flock.pending(true).unwrap_or(false) {
                 self.pending = true;
@@ -463,7 +523,7 @@ impl<F: WriterFlock> Protocol<F> {
         }
         if took_write {
             let r = self.set_shadow(Shadow::Write);
-            if r != Ok(true) {
+            if !matches!(r, Ok(true)) {
                 // Other handles are reading (or, in WAL mode, attached).
                 // Still RESERVED, a writer keeps its pending marker, as SQLite
                 // keeps PENDING, so the readers drain; its busy handler's
@@ -477,56 +537,61 @@ impl<F: WriterFlock> Protocol<F> {
                 if took_read {
                     self.lower_shadow(Shadow::Unlocked);
                 }
-                return match r {
-                    Err(rc) => rc,
-                    _ => self.busy(),
-                };
+                return Err(match r {
+                    Err(refusal) => refusal,
+                    Ok(_) => self.busy(),
+                });
             }
         }
-        let rc = inner();
-        if rc == ffi::SQLITE_OK {
-            self.level = self.level.max(level);
-        } else {
-            if took_write {
-                self.lower_shadow(Shadow::Read);
+        match inner() {
+            Ok(()) => {
+                self.level = self.level.max(level);
+                Ok(())
             }
-            if newly {
-                self.drop_pending();
-                self.leave(why::XLOCK);
-            }
-            if took_read {
-                self.lower_shadow(Shadow::Unlocked);
+            Err(e) => {
+                if took_write {
+                    self.lower_shadow(Shadow::Read);
+                }
+                if newly {
+                    self.drop_pending();
+                    self.leave(why::XLOCK);
+                }
+                if took_read {
+                    self.lower_shadow(Shadow::Unlocked);
+                }
+                Err(Refusal::Inner(e))
             }
         }
-        rc
     }
 
     /// `xUnlock(level)`: the flock and the shadow go after the inner unlock
     /// succeeded. If the inner unlock fails the inner lock may still be held,
     /// so ours stay (fail closed; close releases them).
-    pub fn unlock(&mut self, level: i32, inner: impl FnOnce() -> i32) -> i32 {
-        let rc = inner();
-        if rc == ffi::SQLITE_OK {
-            self.level = level;
-            let want = match level {
-                l if l >= ffi::SQLITE_LOCK_EXCLUSIVE => self.shadow,
-                l if l >= ffi::SQLITE_LOCK_SHARED => Shadow::Read,
-                _ => Shadow::Unlocked,
-            };
-            if want != self.shadow && !(want == Shadow::Read && self.shadow == Shadow::Unlocked) {
-                self.lower_shadow(want);
-            }
-            if level < ffi::SQLITE_LOCK_EXCLUSIVE {
-                self.drop_pending();
-            }
-            if level < ffi::SQLITE_LOCK_RESERVED {
-                self.leave(why::XLOCK);
-            }
-            if level == ffi::SQLITE_LOCK_NONE {
-                self.leave(why::INTENT); // the transaction ended without writing
-            }
+    pub fn unlock<E>(
+        &mut self,
+        level: LockLevel,
+        inner: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), Refusal<E>> {
+        inner().map_err(Refusal::Inner)?;
+        self.level = level;
+        let want = match level {
+            LockLevel::Exclusive => self.shadow,
+            LockLevel::None => Shadow::Unlocked,
+            _ => Shadow::Read,
+        };
+        if want != self.shadow && !(want == Shadow::Read && self.shadow == Shadow::Unlocked) {
+            self.lower_shadow(want);
         }
-        rc
+        if level < LockLevel::Exclusive {
+            self.drop_pending();
+        }
+        if level < LockLevel::Reserved {
+            self.leave(why::XLOCK);
+        }
+        if level == LockLevel::None {
+            self.leave(why::INTENT); // the transaction ended without writing
+        }
+        Ok(())
     }
 
     /// Whether the last refusal was SHARED held off by a writer, clearing it.
@@ -553,10 +618,10 @@ impl<F: WriterFlock> Protocol<F> {
         if self.shadow == Shadow::Write {
             return true;
         }
-        if !self.held || self.why & why::XLOCK == 0 || self.level < ffi::SQLITE_LOCK_RESERVED {
+        if !self.held || self.why & why::XLOCK == 0 || self.level < LockLevel::Reserved {
             return false;
         }
-        self.set_shadow(Shadow::Write) == Ok(true)
+        matches!(self.set_shadow::<()>(Shadow::Write), Ok(true))
     }
 
     fn drop_pending(&mut self) {
@@ -572,10 +637,14 @@ impl<F: WriterFlock> Protocol<F> {
     }
 
     /// Release a write intent that was never used: called on every entry,
-    /// and by the shim's timer, so even a connection nothing runs on again
+    /// and by the process timer, so even a connection nothing runs on again
     /// lets go within [`INTENT_TTL`].
     pub fn expire_intent(&mut self) {
-        if self.intent_since.is_some_and(|t| t.elapsed() > INTENT_TTL) {
+        let now = self.clock.now();
+        if self
+            .intent_since
+            .is_some_and(|t| now.saturating_duration_since(t) > INTENT_TTL)
+        {
             self.intent_since = None;
             self.leave(why::INTENT);
         }
@@ -606,15 +675,14 @@ impl<F: WriterFlock> Protocol<F> {
         !self.held
             && self.shm_excl & !SLOT_CKPT == 0
             && self.shm_shared == 0
-            && (self.level == ffi::SQLITE_LOCK_NONE
-                || (self.wal && self.level == ffi::SQLITE_LOCK_SHARED))
+            && (self.level == LockLevel::None || (self.wal && self.level == LockLevel::Shared))
     }
 
     /// One non-blocking attempt to take the flock as a write *intent*, from
     /// the connection's busy-handler sleep: `Ok(true)` when taken. The
     /// retry that follows turns it into a write; an intent unused for
     /// [`INTENT_TTL`], or a transaction that ends first, releases it.
-    pub fn try_intent(&mut self) -> Result<bool, i32> {
+    pub fn try_intent(&mut self) -> Result<bool, Refusal<()>> {
         if !self.may_wait() {
             return Ok(false);
         }
@@ -622,15 +690,12 @@ impl<F: WriterFlock> Protocol<F> {
             Ok(true) => {
                 self.acquired();
                 self.why = why::INTENT;
-                self.intent_since = Some(Instant::now());
-                self.events |= event::INTENT;
+                self.intent_since = Some(self.clock.now());
+                self.events.intent = true;
                 Ok(true)
             }
             Ok(false) => Ok(false),
-            Err(e) => {
-                self.note_error(ffi::SQLITE_IOERR_LOCK, e);
-                Err(ffi::SQLITE_IOERR_LOCK)
-            }
+            Err(e) => Err(self.failed(e)),
         }
     }
 
@@ -658,42 +723,41 @@ impl<F: WriterFlock> Protocol<F> {
         self.wal = true;
     }
 
-    /// `xCheckReservedLock`, asked by a reader that found a journal. When
-    /// SQLite sees no writer but the journal looks hot (`journal_looks_hot`:
-    /// non-zero first byte) while another handle holds the flock, the journal
-    /// may belong to a live writer whose POSIX locks were cancelled (or a
-    /// `flock(1)` holder is guarding the files): neither roll it back nor read
-    /// the half-written file — `SQLITE_BUSY`, and the busy handler retries.
-    /// The probe runs only in that case, so it never disturbs writers' own
-    /// non-blocking attempts in the common one.
-    pub fn check_reserved(
+    /// `xCheckReservedLock`, asked by a reader that found a journal; `inner`
+    /// says whether SQLite sees a writer. When it sees none but the journal
+    /// looks hot (`journal_looks_hot`: non-zero first byte) while another
+    /// handle holds the flock, the journal may belong to a live writer whose
+    /// POSIX locks were cancelled (or a `flock(1)` holder is guarding the
+    /// files): neither roll it back nor read the half-written file —
+    /// [`Refusal::Busy`], and the busy handler retries. The probe runs only
+    /// in that case, so it never disturbs writers' own non-blocking attempts
+    /// in the common one.
+    pub fn check_reserved<E>(
         &mut self,
-        inner: impl FnOnce(&mut i32) -> i32,
+        inner: impl FnOnce() -> Result<bool, E>,
         journal_looks_hot: impl FnOnce() -> bool,
-    ) -> (i32, i32) {
-        let mut res = 0;
-        let rc = inner(&mut res);
-        if rc != ffi::SQLITE_OK || res != 0 || self.held || !journal_looks_hot() {
-            return (rc, res);
+    ) -> Result<bool, Refusal<E>> {
+        let reserved = inner().map_err(Refusal::Inner)?;
+        if reserved || self.held || !journal_looks_hot() {
+            return Ok(reserved);
         }
         match self.flock.held_elsewhere() {
-            Ok(true) => (self.busy(), 0),
-            Ok(false) => (rc, 0),
-            Err(e) => {
-                self.note_error(ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, e);
-                (ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, 0)
-            }
+            Ok(true) => Err(self.busy()),
+            Ok(false) => Ok(false),
+            Err(e) => Err(self.failed(e)),
         }
     }
 
-    /// `xShmLock(ofst, n, flags)`.
-    pub fn shm_lock(&mut self, ofst: i32, n: i32, flags: i32, inner: impl FnOnce() -> i32) -> i32 {
+    /// `xShmLock`.
+    pub fn shm_lock<E>(
+        &mut self,
+        op: ShmOp,
+        inner: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), Refusal<E>> {
         self.expire_intent();
-        let mask = range_mask(ofst, n);
-        let lock = flags & ffi::SQLITE_SHM_LOCK != 0;
-        let excl = flags & ffi::SQLITE_SHM_EXCLUSIVE != 0;
-        match (lock, excl) {
-            (true, true) => {
+        match op {
+            ShmOp::Lock(slots, ShmMode::Exclusive) => {
+                let mask = slots.mask();
                 let reading = self.shm_excl != 0 || self.shm_shared & READ_SLOTS != 0;
                 let reason = if mask & SLOT_WRITE != 0 {
                     if !reading {
@@ -708,58 +772,60 @@ impl<F: WriterFlock> Protocol<F> {
                 };
                 let newly = reason != 0 && self.why & reason == 0;
                 if newly {
-                    if let Err(rc) = self.enter(reason) {
+                    if let Err(r) = self.enter(reason) {
                         // A checkpoint that holds no shm lock may wait a
                         // little (SQLite gives the checkpoint lock a single
                         // try, no busy handler): nothing a writer needs is
-                        // held. The shim queues for it and calls again.
-                        if rc == ffi::SQLITE_BUSY && reason == why::WAL_CKPT && !reading {
-                            // Only the commit's own auto-checkpoint queues:
-                            // an explicit blocking one waits through its
-                            // busy handler at the WAL write lock (exactly its
-                            // busy_timeout, as stock), a passive one never.
-                            let auto = self
-                                .write_ended
-                                .is_some_and(|t| t.elapsed() < AUTO_CHECKPOINT_WINDOW);
+                        // held. Only the commit's own auto-checkpoint queues:
+                        // an explicit blocking one waits through its busy
+                        // handler at the WAL write lock (exactly its
+                        // busy_timeout, as stock), a passive one never.
+                        if matches!(r, Refusal::Busy) && reason == why::WAL_CKPT && !reading {
+                            let now = self.clock.now();
+                            let auto = self.write_ended.is_some_and(|t| {
+                                now.saturating_duration_since(t) < AUTO_CHECKPOINT_WINDOW
+                            });
                             self.checkpoint_wait = Some(if auto {
                                 self.options.checkpoint_wait
                             } else {
                                 Duration::ZERO
                             });
                         }
-                        return rc;
+                        return Err(r);
                     }
                 }
-                let rc = inner();
-                if rc == ffi::SQLITE_OK {
-                    self.shm_excl |= mask;
-                    if self.ckpt_unlocked && self.held {
-                        // A blocking checkpoint got the flock at the WAL
-                        // write lock: keep it until the checkpoint ends.
-                        self.why |= why::WAL_CKPT;
-                        self.ckpt_unlocked = false;
+                match inner() {
+                    Ok(()) => {
+                        self.shm_excl |= mask;
+                        if self.ckpt_unlocked && self.held {
+                            // A blocking checkpoint got the flock at the WAL
+                            // write lock: keep it until the checkpoint ends.
+                            self.why |= why::WAL_CKPT;
+                            self.ckpt_unlocked = false;
+                        }
+                        Ok(())
                     }
-                } else if newly {
-                    self.leave(reason);
+                    Err(e) => {
+                        if newly {
+                            self.leave(reason);
+                        }
+                        Err(Refusal::Inner(e))
+                    }
                 }
-                rc
             }
-            (true, false) => {
-                let rc = inner();
-                if rc == ffi::SQLITE_OK {
-                    self.shm_shared |= mask;
-                }
-                rc
+            ShmOp::Lock(slots, ShmMode::Shared) => {
+                inner().map_err(Refusal::Inner)?;
+                self.shm_shared |= slots.mask();
+                Ok(())
             }
-            (false, _) => {
-                let rc = inner();
-                if excl {
-                    self.shm_excl &= !mask;
-                } else {
-                    self.shm_shared &= !mask;
+            ShmOp::Unlock(slots, mode) => {
+                let r = inner().map_err(Refusal::Inner);
+                match mode {
+                    ShmMode::Exclusive => self.shm_excl &= !slots.mask(),
+                    ShmMode::Shared => self.shm_shared &= !slots.mask(),
                 }
                 self.sync_shm_reasons();
-                rc
+                r
             }
         }
     }
@@ -767,7 +833,7 @@ impl<F: WriterFlock> Protocol<F> {
     fn sync_shm_reasons(&mut self) {
         if self.shm_excl & SLOT_WRITE == 0 {
             if self.why & why::WAL_WRITE != 0 {
-                self.write_ended = Some(Instant::now());
+                self.write_ended = Some(self.clock.now());
             }
             self.leave(why::WAL_WRITE);
         }
@@ -778,29 +844,26 @@ impl<F: WriterFlock> Protocol<F> {
     }
 
     /// After a refused checkpoint lock waited its `checkpoint_wait` in vain:
-    /// take the checkpoint lock without the flock (`inner` is the inner
-    /// `xShmLock`). What the checkpoint may do then:
+    /// take the checkpoint lock (`slots`) without the flock (`inner` is the
+    /// inner `xShmLock`). What the checkpoint may do then:
     /// * a blocking one (FULL, RESTART, TRUNCATE) asks for the WAL write lock
     ///   next, which needs the flock: refused, SQLite's busy handler waits
     ///   for it (within `busy_timeout`, as stock SQLite waits for the WAL write
     ///   lock), and once taken the flock stays until the checkpoint ends;
     /// * a passive one goes on to copy pages: [`Self::checkpoint_write`]
     ///   makes its first write of the database file take the flock or fail
-    ///   with `SQLITE_BUSY`, which SQLite takes as "not everything copied".
+    ///   with [`Refusal::Busy`], which SQLite takes as "not everything copied".
     ///
     /// Either way the database file is never written without the flock.
-    pub fn checkpoint_without_flock(
+    pub fn checkpoint_without_flock<E>(
         &mut self,
-        ofst: i32,
-        n: i32,
-        inner: impl FnOnce() -> i32,
-    ) -> i32 {
-        let rc = inner();
-        if rc == ffi::SQLITE_OK {
-            self.shm_excl |= range_mask(ofst, n);
-            self.ckpt_unlocked = true;
-        }
-        rc
+        slots: Slots,
+        inner: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), Refusal<E>> {
+        inner().map_err(Refusal::Inner)?;
+        self.shm_excl |= slots.mask();
+        self.ckpt_unlocked = true;
+        Ok(())
     }
 
     /// Whether the handle holds the checkpoint lock without the flock (the
@@ -812,23 +875,20 @@ impl<F: WriterFlock> Protocol<F> {
 
     /// Before a checkpoint that holds the checkpoint lock without the flock
     /// writes, truncates or syncs the database file: take the flock now
-    /// (`SQLITE_OK`, kept until the checkpoint ends) or refuse the write
-    /// (`SQLITE_BUSY`: SQLite stops copying and reports the checkpoint as
+    /// (kept until the checkpoint ends) or refuse the write
+    /// ([`Refusal::Busy`]: SQLite stops copying and reports the checkpoint as
     /// incomplete, as when readers are in the way).
-    pub fn checkpoint_write(&mut self) -> i32 {
+    pub fn checkpoint_write(&mut self) -> Result<(), Refusal<()>> {
         if !self.ckpt_unlocked || self.held {
-            return ffi::SQLITE_OK;
+            return Ok(());
         }
-        match self.enter(why::WAL_CKPT) {
-            Ok(()) => {
-                self.ckpt_unlocked = false;
-                ffi::SQLITE_OK
-            }
-            Err(rc) => {
-                self.intent_wanted = false; // no busy handler follows a write
-                rc
-            }
+        let r = self.enter(why::WAL_CKPT);
+        if r.is_ok() {
+            self.ckpt_unlocked = false;
+        } else {
+            self.intent_wanted = false; // no busy handler follows a write
         }
+        r
     }
 
     /// `xShmUnmap`: the shared-memory connection and all its locks are gone.
@@ -850,7 +910,7 @@ impl<F: WriterFlock> Protocol<F> {
         if self.held {
             self.release();
         }
-        self.level = ffi::SQLITE_LOCK_NONE;
+        self.level = LockLevel::None;
         self.shm_excl = 0;
         self.shm_shared = 0;
         self.ckpt_unlocked = false;
@@ -860,10 +920,60 @@ impl<F: WriterFlock> Protocol<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ffi::{SQLITE_BUSY, SQLITE_IOERR_LOCK, SQLITE_OK};
-    use ffi::{SQLITE_LOCK_EXCLUSIVE as EXCL, SQLITE_LOCK_NONE as NONE};
-    use ffi::{SQLITE_LOCK_RESERVED as RES, SQLITE_LOCK_SHARED as SHARED};
-    use ffi::{SQLITE_SHM_EXCLUSIVE, SQLITE_SHM_LOCK, SQLITE_SHM_SHARED, SQLITE_SHM_UNLOCK};
+    use crate::clock::ManualClock;
+
+    // The tests speak SQLite's result codes, as the shim does: an inner call
+    // returns a code, and `code` maps a protocol result back to one.
+    const SQLITE_OK: i32 = 0;
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_IOERR_LOCK: i32 = 3850;
+    const SQLITE_IOERR_UNLOCK: i32 = 2058;
+    /// What the tests call a lock file failure.
+    const LOCKFILE_FAILED: i32 = -1;
+    const NONE: LockLevel = LockLevel::None;
+    const SHARED: LockLevel = LockLevel::Shared;
+    const RES: LockLevel = LockLevel::Reserved;
+    const EXCL: LockLevel = LockLevel::Exclusive;
+
+    fn inner(rc: i32) -> Result<(), i32> {
+        if rc == SQLITE_OK {
+            Ok(())
+        } else {
+            Err(rc)
+        }
+    }
+
+    fn code(r: Result<(), Refusal<i32>>) -> i32 {
+        match r {
+            Ok(()) => SQLITE_OK,
+            Err(Refusal::Busy) => SQLITE_BUSY,
+            Err(Refusal::Inner(rc)) => rc,
+            Err(Refusal::LockFile { .. }) => LOCKFILE_FAILED,
+        }
+    }
+
+    /// Shared-memory flags as SQLite passes them (lock/unlock × shared/exclusive).
+    const LOCK: i32 = 2;
+    const UNLOCK: i32 = 1;
+    const SHM_SHARED: i32 = 4;
+    const SHM_EXCLUSIVE: i32 = 8;
+
+    fn shm(ofst: i32, n: i32, flags: i32) -> ShmOp {
+        let slots = Slots {
+            first: ofst as u8,
+            count: n as u8,
+        };
+        let mode = if flags & SHM_EXCLUSIVE != 0 {
+            ShmMode::Exclusive
+        } else {
+            ShmMode::Shared
+        };
+        if flags & LOCK != 0 {
+            ShmOp::Lock(slots, mode)
+        } else {
+            ShmOp::Unlock(slots, mode)
+        }
+    }
 
     /// A flock shared between fake handles: `owner` is who holds it.
     #[derive(Default)]
@@ -924,55 +1034,59 @@ mod tests {
         }
     }
 
-    fn p() -> Protocol<Fake> {
-        Protocol::new(Fake::default())
+    fn p() -> Protocol<Fake, ManualClock> {
+        Protocol::with_clock(Fake::default(), ManualClock::default())
     }
 
-    const XL: i32 = SQLITE_SHM_LOCK | SQLITE_SHM_EXCLUSIVE;
-    const XU: i32 = SQLITE_SHM_UNLOCK | SQLITE_SHM_EXCLUSIVE;
-    const SL: i32 = SQLITE_SHM_LOCK | SQLITE_SHM_SHARED;
-    const SU: i32 = SQLITE_SHM_UNLOCK | SQLITE_SHM_SHARED;
+    const XL: i32 = LOCK | SHM_EXCLUSIVE;
+    const XU: i32 = UNLOCK | SHM_EXCLUSIVE;
+    const SL: i32 = LOCK | SHM_SHARED;
+    const SU: i32 = UNLOCK | SHM_SHARED;
 
     #[test]
     fn rollback_writer_holds_flock_from_reserved_to_unlock() {
         let mut h = p();
-        assert_eq!(h.lock(SHARED, || SQLITE_OK), SQLITE_OK);
+        assert_eq!(code(h.lock(SHARED, || inner(SQLITE_OK))), SQLITE_OK);
         assert!(!h.holds());
-        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_OK);
+        assert_eq!(code(h.lock(RES, || inner(SQLITE_OK))), SQLITE_OK);
         assert!(h.holds());
-        assert_eq!(h.lock(EXCL, || SQLITE_OK), SQLITE_OK);
+        assert_eq!(code(h.lock(EXCL, || inner(SQLITE_OK))), SQLITE_OK);
         assert_eq!(h.flock.acquires, 1, "one acquisition per transaction");
-        assert_eq!(h.unlock(SHARED, || SQLITE_OK), SQLITE_OK);
+        assert_eq!(code(h.unlock(SHARED, || inner(SQLITE_OK))), SQLITE_OK);
         assert!(!h.holds());
-        assert_eq!(h.unlock(NONE, || SQLITE_OK), SQLITE_OK);
+        assert_eq!(code(h.unlock(NONE, || inner(SQLITE_OK))), SQLITE_OK);
         assert_eq!(h.flock.releases, 1);
     }
 
     #[test]
     fn flock_taken_before_inner_lock_and_released_after_inner_unlock() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
         let mut seen = false;
         // The inner call cannot observe our state directly; check via counters.
-        h.lock(RES, || {
-            seen = true;
-            SQLITE_OK
-        });
+        code(h.lock(RES, || {
+            inner({
+                seen = true;
+                SQLITE_OK
+            })
+        }));
         assert!(seen && h.flock.held);
         let mut held_during_inner_unlock = false;
         let flock_held = h.flock.held;
-        h.unlock(SHARED, || {
-            held_during_inner_unlock = flock_held;
-            SQLITE_OK
-        });
+        code(h.unlock(SHARED, || {
+            inner({
+                held_during_inner_unlock = flock_held;
+                SQLITE_OK
+            })
+        }));
         assert!(held_during_inner_unlock && !h.flock.held);
     }
 
     #[test]
     fn hot_journal_shared_to_exclusive_counts_as_writer() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
-        assert_eq!(h.lock(EXCL, || SQLITE_OK), SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        assert_eq!(code(h.lock(EXCL, || inner(SQLITE_OK))), SQLITE_OK);
         assert!(h.holds());
     }
 
@@ -980,8 +1094,10 @@ mod tests {
     fn contended_is_busy_and_inner_not_called() {
         let mut h = p();
         h.flock.contended = true;
-        h.lock(SHARED, || SQLITE_OK);
-        let rc = h.lock(RES, || panic!("inner lock must not be tried"));
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        let rc = code(h.lock(RES, || -> Result<(), i32> {
+            panic!("inner lock must not be tried")
+        }));
         assert_eq!(rc, SQLITE_BUSY);
         assert_eq!(h.counters.busy, 1);
         assert!(!h.holds());
@@ -990,21 +1106,24 @@ mod tests {
     #[test]
     fn inner_failure_undoes_the_flock() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
-        assert_eq!(h.lock(RES, || SQLITE_BUSY), SQLITE_BUSY);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        assert_eq!(code(h.lock(RES, || inner(SQLITE_BUSY))), SQLITE_BUSY);
         assert!(!h.holds() && !h.flock.held);
         // A failed EXCLUSIVE from RESERVED keeps the flock: still a writer.
-        h.lock(RES, || SQLITE_OK);
-        assert_eq!(h.lock(EXCL, || SQLITE_IOERR_LOCK), SQLITE_IOERR_LOCK);
+        code(h.lock(RES, || inner(SQLITE_OK)));
+        assert_eq!(
+            code(h.lock(EXCL, || inner(SQLITE_IOERR_LOCK))),
+            SQLITE_IOERR_LOCK
+        );
         assert!(h.holds());
     }
 
     #[test]
     fn failed_inner_unlock_keeps_flock_until_close() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
-        h.lock(RES, || SQLITE_OK);
-        h.unlock(SHARED, || ffi::SQLITE_IOERR_UNLOCK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.lock(RES, || inner(SQLITE_OK)));
+        code(h.unlock(SHARED, || inner(SQLITE_IOERR_UNLOCK)));
         assert!(h.holds());
         h.close();
         assert!(!h.holds() && !h.flock.held);
@@ -1013,13 +1132,13 @@ mod tests {
     #[test]
     fn wal_write_lock_needs_flock_when_reading() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
-        h.shm_lock(3, 1, SL, || SQLITE_OK); // read lock
-        h.shm_lock(0, 1, XL, || SQLITE_OK); // begin write
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.shm_lock(shm(3, 1, SL), || inner(SQLITE_OK))); // read lock
+        code(h.shm_lock(shm(0, 1, XL), || inner(SQLITE_OK))); // begin write
         assert!(h.holds());
-        h.shm_lock(0, 1, XU, || SQLITE_OK);
+        code(h.shm_lock(shm(0, 1, XU), || inner(SQLITE_OK)));
         assert!(!h.holds());
-        h.shm_lock(3, 1, SU, || SQLITE_OK);
+        code(h.shm_lock(shm(3, 1, SU), || inner(SQLITE_OK)));
         assert_eq!(h.flock.acquires, 1);
     }
 
@@ -1027,26 +1146,35 @@ mod tests {
     fn wal_recovery_without_read_lock_passes_through() {
         let mut h = p();
         h.flock.contended = true;
-        h.lock(SHARED, || SQLITE_OK);
-        assert_eq!(h.shm_lock(0, 1, XL, || SQLITE_OK), SQLITE_OK);
-        assert_eq!(h.shm_lock(1, 7, XL, || SQLITE_OK), SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        assert_eq!(
+            code(h.shm_lock(shm(0, 1, XL), || inner(SQLITE_OK))),
+            SQLITE_OK
+        );
+        assert_eq!(
+            code(h.shm_lock(shm(1, 7, XL), || inner(SQLITE_OK))),
+            SQLITE_OK
+        );
         assert!(!h.holds());
-        h.shm_lock(1, 7, XU, || SQLITE_OK);
-        h.shm_lock(0, 1, XU, || SQLITE_OK);
+        code(h.shm_lock(shm(1, 7, XU), || inner(SQLITE_OK)));
+        code(h.shm_lock(shm(0, 1, XU), || inner(SQLITE_OK)));
         // ...but a write after it is refused while contended.
-        h.shm_lock(3, 1, SL, || SQLITE_OK);
-        assert_eq!(h.shm_lock(0, 1, XL, || SQLITE_OK), SQLITE_BUSY);
+        code(h.shm_lock(shm(3, 1, SL), || inner(SQLITE_OK)));
+        assert_eq!(
+            code(h.shm_lock(shm(0, 1, XL), || inner(SQLITE_OK))),
+            SQLITE_BUSY
+        );
     }
 
     #[test]
     fn checkpoint_lock_needs_flock_and_full_checkpoint_takes_one() {
         let mut h = p();
-        h.shm_lock(1, 1, XL, || SQLITE_OK); // checkpointer
+        code(h.shm_lock(shm(1, 1, XL), || inner(SQLITE_OK))); // checkpointer
         assert!(h.holds());
-        h.shm_lock(0, 1, XL, || SQLITE_OK); // FULL: writer lock too
-        h.shm_lock(0, 1, XU, || SQLITE_OK);
+        code(h.shm_lock(shm(0, 1, XL), || inner(SQLITE_OK))); // FULL: writer lock too
+        code(h.shm_lock(shm(0, 1, XU), || inner(SQLITE_OK)));
         assert!(h.holds(), "still checkpointing");
-        h.shm_lock(1, 1, XU, || SQLITE_OK);
+        code(h.shm_lock(shm(1, 1, XU), || inner(SQLITE_OK)));
         assert!(!h.holds());
         assert_eq!(h.flock.acquires, 1);
     }
@@ -1054,20 +1182,20 @@ mod tests {
     #[test]
     fn exclusive_range_covering_slot_zero_counts() {
         let mut h = p();
-        h.shm_lock(3, 1, SL, || SQLITE_OK);
-        h.shm_lock(0, 2, XL, || SQLITE_OK);
+        code(h.shm_lock(shm(3, 1, SL), || inner(SQLITE_OK)));
+        code(h.shm_lock(shm(0, 2, XL), || inner(SQLITE_OK)));
         assert!(h.holds());
-        h.shm_lock(0, 2, XU, || SQLITE_OK);
+        code(h.shm_lock(shm(0, 2, XU), || inner(SQLITE_OK)));
         assert!(!h.holds());
     }
 
     #[test]
     fn xlock_and_shm_reasons_overlap_without_double_acquire() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
-        h.lock(EXCL, || SQLITE_OK); // WAL close: EXCLUSIVE first
-        h.shm_lock(1, 1, XL, || SQLITE_OK); // then checkpoint
-        h.unlock(SHARED, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.lock(EXCL, || inner(SQLITE_OK))); // WAL close: EXCLUSIVE first
+        code(h.shm_lock(shm(1, 1, XL), || inner(SQLITE_OK))); // then checkpoint
+        code(h.unlock(SHARED, || inner(SQLITE_OK)));
         assert!(h.holds(), "checkpoint lock still held");
         h.shm_unmap();
         assert!(!h.holds());
@@ -1077,15 +1205,15 @@ mod tests {
     #[test]
     fn shadow_follows_shared_and_exclusive() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
         assert_eq!(h.shadow_held(), Shadow::Read);
-        h.lock(RES, || SQLITE_OK);
+        code(h.lock(RES, || inner(SQLITE_OK)));
         assert_eq!(h.shadow_held(), Shadow::Read);
-        h.lock(EXCL, || SQLITE_OK);
+        code(h.lock(EXCL, || inner(SQLITE_OK)));
         assert_eq!(h.shadow_held(), Shadow::Write);
-        h.unlock(SHARED, || SQLITE_OK);
+        code(h.unlock(SHARED, || inner(SQLITE_OK)));
         assert_eq!(h.shadow_held(), Shadow::Read);
-        h.unlock(NONE, || SQLITE_OK);
+        code(h.unlock(NONE, || inner(SQLITE_OK)));
         assert_eq!(h.shadow_held(), Shadow::Unlocked);
         assert!(!h.holds());
     }
@@ -1095,22 +1223,26 @@ mod tests {
         let mut h = p();
         h.flock.other_writing = true;
         assert_eq!(
-            h.lock(SHARED, || panic!("inner SHARED must wait")),
+            code(h.lock(SHARED, || -> Result<(), i32> {
+                panic!("inner SHARED must wait")
+            })),
             SQLITE_BUSY
         );
         assert_eq!(h.shadow_held(), Shadow::Unlocked);
         h.flock.other_writing = false;
-        assert_eq!(h.lock(SHARED, || SQLITE_OK), SQLITE_OK);
+        assert_eq!(code(h.lock(SHARED, || inner(SQLITE_OK))), SQLITE_OK);
     }
 
     #[test]
     fn exclusive_waits_for_other_readers_and_keeps_reserved() {
         let mut h = p();
         h.flock.others_reading = true;
-        h.lock(SHARED, || SQLITE_OK);
-        h.lock(RES, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.lock(RES, || inner(SQLITE_OK)));
         assert_eq!(
-            h.lock(EXCL, || panic!("inner EXCLUSIVE must wait")),
+            code(h.lock(EXCL, || -> Result<(), i32> {
+                panic!("inner EXCLUSIVE must wait")
+            })),
             SQLITE_BUSY
         );
         assert!(h.holds(), "still RESERVED: keeps the flock");
@@ -1122,8 +1254,11 @@ mod tests {
         // Straight from SHARED (hot journal, WAL close): everything undone.
         let mut g = p();
         g.flock.others_reading = true;
-        g.lock(SHARED, || SQLITE_OK);
-        assert_eq!(g.lock(EXCL, || panic!("must not be tried")), SQLITE_BUSY);
+        code(g.lock(SHARED, || inner(SQLITE_OK)));
+        assert_eq!(
+            code(g.lock(EXCL, || -> Result<(), i32> { panic!("must not be tried") })),
+            SQLITE_BUSY
+        );
         assert!(!g.holds() && !g.flock.held);
         assert_eq!(g.shadow_held(), Shadow::Read);
     }
@@ -1132,28 +1267,31 @@ mod tests {
     fn pending_marker_stops_new_readers_and_lasts_while_reserved() {
         let mut r = p();
         r.flock.other_pending = true;
-        assert_eq!(r.lock(SHARED, || panic!("must wait")), SQLITE_BUSY);
+        assert_eq!(
+            code(r.lock(SHARED, || -> Result<(), i32> { panic!("must wait") })),
+            SQLITE_BUSY
+        );
         let mut w = p();
         w.flock.others_reading = true;
-        w.lock(SHARED, || SQLITE_OK);
-        w.lock(RES, || SQLITE_OK);
-        assert_eq!(w.lock(EXCL, || SQLITE_OK), SQLITE_BUSY);
+        code(w.lock(SHARED, || inner(SQLITE_OK)));
+        code(w.lock(RES, || inner(SQLITE_OK)));
+        assert_eq!(code(w.lock(EXCL, || inner(SQLITE_OK))), SQLITE_BUSY);
         assert!(
             w.pending_held() && w.flock.pending,
             "kept while RESERVED and waiting"
         );
         w.flock.others_reading = false;
-        assert_eq!(w.lock(EXCL, || SQLITE_OK), SQLITE_OK);
-        w.unlock(SHARED, || SQLITE_OK);
+        assert_eq!(code(w.lock(EXCL, || inner(SQLITE_OK))), SQLITE_OK);
+        code(w.unlock(SHARED, || inner(SQLITE_OK)));
         assert!(!w.pending_held() && !w.flock.pending);
     }
 
     #[test]
     fn failed_inner_exclusive_downgrades_shadow() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
-        h.lock(RES, || SQLITE_OK);
-        assert_eq!(h.lock(EXCL, || SQLITE_BUSY), SQLITE_BUSY);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.lock(RES, || inner(SQLITE_OK)));
+        assert_eq!(code(h.lock(EXCL, || inner(SQLITE_BUSY))), SQLITE_BUSY);
         assert_eq!(h.shadow_held(), Shadow::Read);
         assert!(h.holds());
         h.close();
@@ -1163,24 +1301,24 @@ mod tests {
     #[test]
     fn intent_taken_in_sleep_becomes_the_write() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
         h.flock.contended = true;
-        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_BUSY);
+        assert_eq!(code(h.lock(RES, || inner(SQLITE_OK))), SQLITE_BUSY);
         assert!(h.take_intent_request());
         assert!(
             !h.may_wait(),
             "still SHARED in rollback mode: the btree unlocks first"
         );
-        h.unlock(NONE, || SQLITE_OK);
+        code(h.unlock(NONE, || inner(SQLITE_OK)));
         assert!(h.may_wait());
         assert_eq!(h.try_intent(), Ok(false), "still contended");
         h.flock.contended = false;
         assert_eq!(h.try_intent(), Ok(true));
         assert!(h.holds());
         // The retry: SHARED then RESERVED finds the lock already held.
-        h.lock(SHARED, || SQLITE_OK);
-        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_OK);
-        h.unlock(NONE, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        assert_eq!(code(h.lock(RES, || inner(SQLITE_OK))), SQLITE_OK);
+        code(h.unlock(NONE, || inner(SQLITE_OK)));
         assert!(!h.holds());
         assert_eq!((h.flock.acquires, h.flock.releases), (1, 1));
     }
@@ -1189,89 +1327,97 @@ mod tests {
     fn unused_intent_is_released() {
         let mut h = p();
         assert_eq!(h.try_intent(), Ok(true));
-        h.lock(SHARED, || SQLITE_OK);
-        h.unlock(NONE, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.unlock(NONE, || inner(SQLITE_OK)));
         assert!(!h.holds(), "transaction ended without writing");
         assert_eq!(h.try_intent(), Ok(true));
-        h.intent_since = Some(Instant::now() - INTENT_TTL * 2);
-        h.lock(SHARED, || SQLITE_OK);
+        h.clock().advance(INTENT_TTL);
+        h.expire_intent();
+        assert!(h.holds(), "not older than the TTL yet");
+        h.clock().advance(Duration::from_millis(1));
+        h.expire_intent(); // the process timer's call
         assert!(!h.holds(), "expired");
+        assert_eq!(h.try_intent(), Ok(true));
+        h.clock().advance(INTENT_TTL * 2);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        assert!(!h.holds(), "expired on the next call too");
     }
 
     #[test]
     fn read_transaction_upgrade_never_waits() {
         let mut h = p();
         h.shm_mapped();
-        h.lock(SHARED, || SQLITE_OK);
-        h.shm_lock(3, 1, SL, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
+        code(h.shm_lock(shm(3, 1, SL), || inner(SQLITE_OK)));
         h.flock.contended = true;
-        assert_eq!(h.shm_lock(0, 1, XL, || SQLITE_OK), SQLITE_BUSY);
+        assert_eq!(
+            code(h.shm_lock(shm(0, 1, XL), || inner(SQLITE_OK))),
+            SQLITE_BUSY
+        );
         assert!(!h.may_wait(), "holds a read mark");
-        h.shm_lock(3, 1, SU, || SQLITE_OK);
+        code(h.shm_lock(shm(3, 1, SU), || inner(SQLITE_OK)));
         assert!(h.may_wait(), "WAL: SHARED for life, no shm lock");
     }
 
     #[test]
     fn waits_and_holds_are_timed() {
         let mut h = p();
-        h.lock(SHARED, || SQLITE_OK);
+        code(h.lock(SHARED, || inner(SQLITE_OK)));
         h.flock.contended = true;
-        assert_eq!(h.lock(RES, || SQLITE_OK), SQLITE_BUSY);
+        assert_eq!(code(h.lock(RES, || inner(SQLITE_OK))), SQLITE_BUSY);
+        let e = h.take_events();
+        assert!(e.refused, "who holds it: asked for, off this path");
         assert_eq!(
-            h.take_events() & event::REFUSED,
-            event::REFUSED,
-            "who holds it: logged off this path"
+            (e.busy, e.failure),
+            (1, None),
+            "nothing else on the refusal path"
         );
-        assert!(h.unlogged.is_none(), "nothing built on the refusal path");
-        std::thread::sleep(Duration::from_millis(5));
+        h.clock().advance(Duration::from_millis(5));
         h.flock.contended = false;
-        h.lock(RES, || SQLITE_OK);
-        assert!(h.counters.wait_max >= Duration::from_millis(5));
-        h.options.hold_warn = Duration::from_millis(1);
-        std::thread::sleep(Duration::from_millis(2));
-        h.unlock(SHARED, || SQLITE_OK);
-        assert!(h.counters.hold_max >= Duration::from_millis(2));
-        assert!(h
-            .unlogged
-            .take()
-            .is_some_and(|(c, m)| c == ffi::SQLITE_WARNING && m.contains("held the write lock")));
+        code(h.lock(RES, || inner(SQLITE_OK)));
+        assert_eq!(h.counters.wait_max, Duration::from_millis(5));
+        h.options.hold_warn = Duration::from_millis(10);
+        h.clock().advance(Duration::from_millis(12));
+        let long = h.long_hold().unwrap();
+        assert!(long.still_held && long.held == Duration::from_millis(12));
+        assert_eq!(h.long_hold(), None, "once per hold");
+        code(h.unlock(SHARED, || inner(SQLITE_OK)));
+        assert_eq!(h.counters.hold_max, Duration::from_millis(12));
+        assert_eq!(
+            h.take_events().held_long,
+            None,
+            "warned while held: not again"
+        );
+        code(h.lock(RES, || inner(SQLITE_OK)));
+        h.clock().advance(Duration::from_millis(20));
+        code(h.unlock(SHARED, || inner(SQLITE_OK)));
+        let long = h.take_events().held_long.unwrap();
+        assert!(!long.still_held && long.threshold == Duration::from_millis(10));
     }
 
     #[test]
     fn check_reserved_reports_other_holder() {
         let mut h = p();
-        assert_eq!(
-            h.check_reserved(
-                |r| {
-                    *r = 0;
-                    SQLITE_OK
-                },
-                || true
-            ),
-            (SQLITE_OK, 0)
-        );
+        let none = || Ok::<bool, i32>(false);
+        assert_eq!(h.check_reserved(none, || true), Ok(false));
         h.flock.contended = true;
-        let none = |r: &mut i32| {
-            *r = 0;
-            SQLITE_OK
-        };
         assert_eq!(
             h.check_reserved(none, || false),
-            (SQLITE_OK, 0),
+            Ok(false),
             "no hot-looking journal: no probe"
         );
         assert_eq!(
             h.check_reserved(none, || true),
-            (SQLITE_BUSY, 0),
+            Err(Refusal::Busy),
             "live writer or flock(1) holder"
         );
-        let inner_reserved = |r: &mut i32| {
-            *r = 1;
-            SQLITE_OK
-        };
         assert_eq!(
-            h.check_reserved(inner_reserved, || panic!("not asked")),
-            (SQLITE_OK, 1)
+            h.check_reserved(|| Ok::<bool, i32>(true), || panic!("not asked")),
+            Ok(true)
+        );
+        assert_eq!(
+            h.check_reserved(|| Err::<bool, i32>(SQLITE_IOERR_LOCK), || true),
+            Err(Refusal::Inner(SQLITE_IOERR_LOCK))
         );
     }
 
@@ -1279,44 +1425,70 @@ mod tests {
     fn snapshot_style_shared_slot1_is_not_a_read_transaction() {
         let mut h = p();
         h.flock.contended = true;
-        h.shm_lock(1, 1, SL, || SQLITE_OK);
+        code(h.shm_lock(shm(1, 1, SL), || inner(SQLITE_OK)));
         assert_eq!(
-            h.shm_lock(0, 1, XL, || SQLITE_OK),
+            code(h.shm_lock(shm(0, 1, XL), || inner(SQLITE_OK))),
             SQLITE_OK,
             "recovery passes"
         );
     }
 
     mod model {
-        //! Random sequences of SQLite lock calls, with injected inner failures
-        //! and contention, checked against the protocol's invariants. The
-        //! fake flock itself panics on a double acquire or a stray release.
+        //! Random sequences of SQLite lock calls, busy-handler sleeps that
+        //! take write intents, the timer's expiry, time passing, checkpoints
+        //! that go on without the flock, and close — with injected inner
+        //! failures and contention — checked against the protocol's
+        //! invariants. The fake flock itself panics on a double acquire or a
+        //! stray release.
         use super::*;
+        use crate::wait::Run;
         use proptest::prelude::*;
 
         #[derive(Debug, Clone)]
         enum Op {
-            Lock(i32),
-            Unlock(i32),
-            Shm { ofst: i32, n: i32, flags: i32 },
+            Lock(LockLevel),
+            Unlock(LockLevel),
+            Shm {
+                ofst: i32,
+                n: i32,
+                flags: i32,
+            },
             ShmUnmap,
             CheckReserved,
+            /// The busy handler's sleep: a run step, then one try at the
+            /// lock as a write intent.
+            Sleep {
+                asked_ms: u64,
+            },
+            /// Time passes.
+            Advance {
+                ms: u64,
+            },
+            /// The process timer's call.
+            Expire,
+            /// A checkpoint refused the flock goes on without it.
+            CheckpointWithoutFlock,
+            /// A write of the database file by such a checkpoint.
+            CheckpointWrite,
         }
 
         fn op() -> impl Strategy<Value = Op> {
             let shm_flags = prop_oneof![Just(XL), Just(XU), Just(SL), Just(SU)];
             prop_oneof![
-                (1..=4i32)
-                    .prop_filter("no PENDING", |l| *l != 3)
-                    .prop_map(Op::Lock),
-                prop_oneof![Just(NONE), Just(SHARED)].prop_map(Op::Unlock),
-                (0..8i32, 1..=3i32, shm_flags).prop_map(|(ofst, n, flags)| Op::Shm {
+                4 => prop_oneof![Just(SHARED), Just(RES), Just(EXCL)].prop_map(Op::Lock),
+                3 => prop_oneof![Just(NONE), Just(SHARED)].prop_map(Op::Unlock),
+                4 => (0..8i32, 1..=3i32, shm_flags).prop_map(|(ofst, n, flags)| Op::Shm {
                     ofst,
                     n,
                     flags
                 }),
-                Just(Op::ShmUnmap),
-                Just(Op::CheckReserved),
+                1 => Just(Op::ShmUnmap),
+                1 => Just(Op::CheckReserved),
+                2 => (1..=100u64).prop_map(|asked_ms| Op::Sleep { asked_ms }),
+                2 => (0..=150u64).prop_map(|ms| Op::Advance { ms }),
+                1 => Just(Op::Expire),
+                1 => Just(Op::CheckpointWithoutFlock),
+                1 => Just(Op::CheckpointWrite),
             ]
         }
 
@@ -1335,38 +1507,56 @@ mod tests {
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(1000))]
             #[test]
-            fn flock_held_exactly_while_a_writer(steps in prop::collection::vec(step(), 1..60)) {
+            fn flock_held_exactly_while_a_writer_or_a_young_intent(
+                steps in prop::collection::vec(step(), 1..80)
+            ) {
                 let mut h = p();
+                let clock = h.clock().clone();
+                let mut w = crate::wait::WaitState::default();
                 let mut level = NONE; // what SQLite believes, from successful calls
                 let mut excl: u32 = 0;
+                let ahead = Duration::from_millis(25);
                 for (op, rc, contended, readers, writer) in steps {
                     h.flock.contended = contended && !h.flock.held;
                     // Others can only write the file while we hold no shadow lock.
                     h.flock.others_reading = readers;
                     h.flock.other_writing = writer && h.shadow_held() == Shadow::Unlocked;
+                    let expired_by_now = matches!(
+                        op,
+                        Op::Lock(_) | Op::Shm { .. } | Op::Expire
+                    );
                     match op {
                         Op::Lock(l) if l > level => {
-                            if h.lock(l, || rc) == SQLITE_OK {
+                            if code(h.lock(l, || inner(rc))) == SQLITE_OK {
                                 level = l;
                             }
                         }
                         Op::Unlock(l) if l < level => {
-                            if h.unlock(l, || rc) == SQLITE_OK {
+                            if code(h.unlock(l, || inner(rc))) == SQLITE_OK {
                                 level = l;
                             }
                         }
+                        Op::Lock(_) | Op::Unlock(_) => {
+                            // SQLite never asks for a level it holds.
+                            h.expire_intent();
+                        }
                         Op::Shm { ofst, n, flags } => {
-                            let mask = range_mask(ofst, n);
-                            let is_excl = flags & SQLITE_SHM_EXCLUSIVE != 0;
-                            let locking = flags & SQLITE_SHM_LOCK != 0;
+                            let mask = shm(ofst, n, flags);
+                            let (slots, is_excl, locking) = match mask {
+                                ShmOp::Lock(s, m) => (s, m == ShmMode::Exclusive, true),
+                                ShmOp::Unlock(s, m) => (s, m == ShmMode::Exclusive, false),
+                            };
+                            let mask = slots.mask();
                             // SQLite never locks a slot it holds, nor unlocks one it does not.
                             if locking && (excl & mask != 0 || (is_excl && h.shm_shared & mask != 0)) {
+                                h.expire_intent();
                                 continue;
                             }
                             if !locking && is_excl && excl & mask != mask {
+                                h.expire_intent();
                                 continue;
                             }
-                            let got = h.shm_lock(ofst, n, flags, || rc);
+                            let got = code(h.shm_lock(shm(ofst, n, flags), || inner(rc)));
                             if is_excl && locking && got == SQLITE_OK {
                                 excl |= mask;
                             }
@@ -1379,16 +1569,54 @@ mod tests {
                             excl = 0;
                         }
                         Op::CheckReserved => {
-                            let _ = h.check_reserved(|r| { *r = 0; rc }, || contended);
+                            let _ = h.check_reserved(|| inner(rc).map(|_| false), || contended);
                         }
-                        _ => continue,
+                        Op::Sleep { asked_ms } => {
+                            let now = clock.now();
+                            let asked = Duration::from_millis(asked_ms);
+                            let deadline = Run::deadline(&mut w.run, now, asked, ahead);
+                            prop_assert!(deadline >= now, "a sleep never ends in the past");
+                            let granted = h.may_wait() && h.try_intent() == Ok(true);
+                            if granted {
+                                prop_assert!(h.holds() && h.has_pure_intent());
+                            }
+                            let waited = if granted { Duration::ZERO } else { deadline - now };
+                            clock.advance(waited);
+                            Run::ended(&mut w.run, h.holds(), clock.now());
+                        }
+                        Op::Advance { ms } => clock.advance(Duration::from_millis(ms)),
+                        Op::Expire => h.expire_intent(),
+                        Op::CheckpointWithoutFlock => {
+                            let ckpt = Slots { first: 1, count: 1 };
+                            if excl & ckpt.mask() == 0 && h.shm_shared & ckpt.mask() == 0 {
+                                let r = h.checkpoint_without_flock(ckpt, || inner(rc));
+                                if r.is_ok() {
+                                    excl |= ckpt.mask();
+                                }
+                            }
+                        }
+                        Op::CheckpointWrite => {
+                            let unlocked = h.checkpoint_unlocked();
+                            if h.checkpoint_write().is_ok() && unlocked {
+                                prop_assert!(h.holds(), "a checkpoint writes the database file only with the flock");
+                            }
+                        }
                     }
                     // The flock is held by the handle iff the fake says so.
                     prop_assert_eq!(h.holds(), h.flock.held);
                     if level >= RES {
                         prop_assert!(h.holds(), "a writer by xLock must hold the flock");
                     }
-                    if level < RES && excl & (SLOT_WRITE | SLOT_CKPT) == 0 {
+                    let writer = level >= RES || (excl & (SLOT_WRITE | SLOT_CKPT) != 0 && h.writing());
+                    if h.holds() && !writer {
+                        // Only a write intent: young, whatever path took it.
+                        prop_assert!(h.has_pure_intent(), "holds the flock, neither a writer nor an intent");
+                        if expired_by_now {
+                            let age = h.held_since().map(|t| clock.now().saturating_duration_since(t));
+                            prop_assert!(age.is_some_and(|a| a <= INTENT_TTL), "an intent older than {:?}: {:?}", INTENT_TTL, age);
+                        }
+                    }
+                    if level < RES && excl & (SLOT_WRITE | SLOT_CKPT) == 0 && !h.has_pure_intent() {
                         prop_assert!(!h.holds(), "not a writer, yet holds the flock");
                     }
                     if level < EXCL && !h.holds() {
@@ -1403,6 +1631,7 @@ mod tests {
                 h.close();
                 prop_assert!(!h.flock.held, "never after close");
                 prop_assert!(!h.flock.pending, "no pending marker after close");
+                prop_assert!(!h.has_pure_intent() && !h.checkpoint_unlocked());
                 prop_assert_eq!(h.flock.acquires, h.flock.releases);
             }
         }

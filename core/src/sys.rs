@@ -1,0 +1,391 @@
+//! Everything in this crate that needs `unsafe`, and why each use is sound.
+//!
+//! * System calls that `nix` does not wrap the way we need: `flock` on a
+//!   borrowed descriptor (nix's `Flock` owns the file and unlocks on drop,
+//!   which a forked child must never do), `fstat` on a descriptor number that
+//!   may be closed meanwhile, `mmap`/`munmap` of the shared page, the shared
+//!   (not private) futex, `pthread_atfork`, and what the fork handler does in
+//!   the child (`open`, `pipe2`, `dup2`, `close`, `getpid`: async-signal-safe).
+//! * Atomics that live in a shared file mapping.
+//! * Two lock-free structures the fork handler needs: the list of
+//!   descriptors the extension owns (read by the handler in the child while
+//!   another thread of the parent may have been halfway through changing
+//!   it), and [`PerProcess`] values that a forked child replaces instead of
+//!   waiting on a mutex whose holder does not exist in it. Both only ever
+//!   grow or leak: nothing they hand out is freed.
+//!
+//! The rest of the crate is `#![deny(unsafe_code)]`.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr;
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::libc;
+
+// ---- system calls -----------------------------------------------------------
+
+/// `flock(fd, op)` on a descriptor we own.
+pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: flock takes a descriptor number and flags; no memory involved.
+    Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
+}
+
+/// `(dev, ino, nlink)` of whatever descriptor `fd` is now (None if closed).
+pub fn fstat(fd: RawFd) -> Option<(u64, u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `stat` on success; `fd` may be any number
+    // (EBADF if closed), which touches no memory of ours.
+    let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: initialised by the successful call.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino, st.st_nlink))
+}
+
+/// A `MAP_SHARED` read-write mapping of the first `len` bytes of a file.
+pub struct Mapping {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through atomics (here and in every
+// other process), so sharing it between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Map the first `len` bytes of `f`, which the caller made at least that
+    /// long. (Should another process truncate the file later, touching the
+    /// mapping faults with `SIGBUS`: the file must only ever grow.)
+    pub fn new(f: &File, len: usize) -> std::io::Result<Mapping> {
+        // SAFETY: a fresh shared mapping of a file we keep open; the kernel
+        // picks the address and checks the descriptor and the length.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            base: p as *mut u8,
+            len,
+        })
+    }
+
+    /// The 32-bit atomic at byte `off` (aligned).
+    pub fn u32_at(&self, off: usize) -> &AtomicU32 {
+        assert!(off.is_multiple_of(4) && off + 4 <= self.len);
+        // SAFETY: in bounds, aligned (the mapping is page-aligned), and valid
+        // while `self` lives; every party accesses it atomically.
+        unsafe { AtomicU32::from_ptr(self.base.add(off) as *mut u32) }
+    }
+
+    /// The 64-bit atomic at byte `off` (aligned).
+    pub fn u64_at(&self, off: usize) -> &AtomicU64 {
+        assert!(off.is_multiple_of(8) && off + 8 <= self.len);
+        // SAFETY: as `u32_at`.
+        unsafe { AtomicU64::from_ptr(self.base.add(off) as *mut u64) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped; no reference outlives `self`
+        // (all accessors borrow it).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Sleep while `*word == expected`, at most `timeout` (a shared futex:
+/// other processes mapping the same file wake it). Spurious returns are
+/// fine: callers re-check.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: FUTEX_WAIT (not PRIVATE: the word is shared between processes)
+    // on a valid, aligned u32 with a relative timeout that outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wake at most `n` sleepers on `word`.
+pub fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: FUTEX_WAKE on a valid, aligned u32.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n);
+    }
+}
+
+/// Have `child` run in every child of a `fork()`; false if it cannot be.
+///
+/// `child` must do only async-signal-safe things (it runs between `fork()`
+/// and whatever the child does next, possibly while the parent had locks
+/// held by threads that do not exist in the child).
+pub fn at_fork_child(child: extern "C" fn()) -> bool {
+    // SAFETY: FFI into libc with a handler the caller keeps async-signal-
+    // safe. The library is loaded for good (SQLITE_OK_LOAD_PERMANENTLY), so
+    // the handler's code stays mapped for the life of the process.
+    unsafe { libc::pthread_atfork(None, None, Some(child)) == 0 }
+}
+
+/// `getpid()`, async-signal-safe.
+pub fn getpid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// In a forked child: make each descriptor of `fds` refer to `/dev/null`
+/// (or, without it, a pipe) instead of the description it shared with the
+/// parent, keeping the number taken. Async-signal-safe.
+pub fn make_inert(fds: &FdList) {
+    // SAFETY: open and pipe2 are async-signal-safe; the path is a C string.
+    let inert = unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            fd
+        } else {
+            let mut p = [-1; 2];
+            if libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return;
+            }
+            libc::close(p[1]);
+            p[0]
+        }
+    };
+    fds.drain(|fd| {
+        // SAFETY: dup2 is async-signal-safe; `fd` is a descriptor the
+        // extension opened and registered (and unregisters before closing),
+        // so replacing it touches nothing of the application's.
+        unsafe { libc::dup2(inert, fd) };
+    });
+    // SAFETY: `inert` is ours and no longer needed (its duplicates stay).
+    unsafe { libc::close(inert) };
+}
+
+// ---- the descriptor list ------------------------------------------------------
+
+/// Slots per chunk of an [`FdList`].
+const CHUNK: usize = 64;
+
+/// One chunk of descriptors (-1: an empty slot), linked into a list that
+/// only grows; chunks are never freed, so a reader never sees one vanish.
+struct Chunk {
+    fds: [AtomicI32; CHUNK],
+    next: AtomicPtr<Chunk>,
+}
+
+/// A lock-free set of descriptor numbers, safe to read in a forked child
+/// whatever the parent's threads were doing at the fork.
+pub struct FdList {
+    first: AtomicPtr<Chunk>,
+}
+
+impl Default for FdList {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FdList {
+    /// An empty list (const, for statics).
+    pub const fn new() -> FdList {
+        FdList {
+            first: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Walk the chunks, calling `f` on each until it returns true.
+    fn chunks(&self, mut f: impl FnMut(&Chunk) -> bool) {
+        let mut p = self.first.load(Ordering::Acquire);
+        while !p.is_null() {
+            // SAFETY: chunks come from Box::into_raw and are never freed.
+            let c = unsafe { &*p };
+            if f(c) {
+                return;
+            }
+            p = c.next.load(Ordering::Acquire);
+        }
+    }
+
+    /// Add `fd`.
+    pub fn insert(&self, fd: RawFd) {
+        loop {
+            let mut placed = false;
+            let mut last: *const Chunk = ptr::null();
+            self.chunks(|c| {
+                last = c;
+                placed = c.fds.iter().any(|s| {
+                    s.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                });
+                placed
+            });
+            if placed {
+                return;
+            }
+            // Every slot taken: append a chunk and try again.
+            let fresh = Box::into_raw(Box::new(Chunk {
+                fds: std::array::from_fn(|_| AtomicI32::new(-1)),
+                next: AtomicPtr::new(ptr::null_mut()),
+            }));
+            let link = if last.is_null() {
+                &self.first
+            } else {
+                // SAFETY: `last` points to a live chunk (never freed).
+                unsafe { &(*last).next }
+            };
+            if link
+                .compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                // Someone else appended first: use theirs.
+                // SAFETY: `fresh` was never shared.
+                drop(unsafe { Box::from_raw(fresh) });
+            }
+        }
+    }
+
+    /// Remove `fd` (once).
+    pub fn remove(&self, fd: RawFd) {
+        self.chunks(|c| {
+            c.fds.iter().any(|s| {
+                s.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            })
+        });
+    }
+
+    /// Every descriptor in the list now.
+    pub fn snapshot(&self) -> std::collections::HashSet<RawFd> {
+        let mut set = std::collections::HashSet::new();
+        self.chunks(|c| {
+            set.extend(
+                c.fds
+                    .iter()
+                    .map(|s| s.load(Ordering::Acquire))
+                    .filter(|&fd| fd >= 0),
+            );
+            false
+        });
+        set
+    }
+
+    /// Take every descriptor out of the list, calling `f` on each
+    /// (async-signal-safe: atomics only).
+    fn drain(&self, mut f: impl FnMut(RawFd)) {
+        self.chunks(|c| {
+            for slot in &c.fds {
+                let fd = slot.swap(-1, Ordering::AcqRel);
+                if fd >= 0 {
+                    f(fd);
+                }
+            }
+            false
+        });
+    }
+}
+
+// ---- values per process ---------------------------------------------------------
+
+/// A process-wide value rebuilt in every forked child: [`Self::get`] returns
+/// the value built in the current generation (see `process::generation`),
+/// building it the first time. Values of an ancestor are leaked, never
+/// dropped: their mutexes may be held by threads that do not exist here.
+pub struct PerProcess<T: 'static> {
+    cell: AtomicPtr<(u64, T)>,
+}
+
+impl<T: 'static> Default for PerProcess<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: 'static> PerProcess<T> {
+    /// An empty cell (const, for statics).
+    pub const fn new() -> Self {
+        PerProcess {
+            cell: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// The value of generation `gen`, made with `make` if there is none.
+    pub fn get(&self, gen: u64, make: impl Fn() -> T) -> &'static T {
+        loop {
+            let cur = self.cell.load(Ordering::Acquire);
+            if !cur.is_null() {
+                // SAFETY: values are leaked boxes, never freed.
+                let v = unsafe { &*cur };
+                if v.0 == gen {
+                    return &v.1;
+                }
+            }
+            let fresh = Box::into_raw(Box::new((gen, make())));
+            if self
+                .cell
+                .compare_exchange(cur, fresh, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // SAFETY: ours now, leaked for the life of the process.
+                return unsafe { &(*fresh).1 };
+            }
+            // Another thread installed one first: use it (next round).
+            // SAFETY: `fresh` was never shared.
+            drop(unsafe { Box::from_raw(fresh) });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_list_grows_and_forgets() {
+        let list = FdList::new();
+        let fds: Vec<RawFd> = (10_000..10_000 + 3 * CHUNK as RawFd).collect();
+        for &fd in &fds {
+            list.insert(fd);
+        }
+        assert_eq!(list.snapshot().len(), fds.len());
+        for &fd in &fds[..10] {
+            list.remove(fd);
+        }
+        assert_eq!(list.snapshot().len(), fds.len() - 10);
+        let mut drained = Vec::new();
+        list.drain(|fd| drained.push(fd));
+        assert_eq!(drained.len(), fds.len() - 10);
+        assert!(list.snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_value_per_generation() {
+        static CELL: PerProcess<std::sync::atomic::AtomicU32> = PerProcess::new();
+        let a = CELL.get(1, Default::default);
+        a.store(7, Ordering::Relaxed);
+        assert_eq!(CELL.get(1, Default::default).load(Ordering::Relaxed), 7);
+        assert_eq!(CELL.get(2, Default::default).load(Ordering::Relaxed), 0);
+    }
+}

@@ -8,16 +8,17 @@
 //! see `examples/src/bin/worker.rs`), so every lock test runs the same way for
 //! all of them, with the extension and without it.
 //!
-//! The README snippets live in files (`bindings/snippets/*`,
-//! `examples/src/bin/{register,load}.rs`); the tests here run each of them, and
-//! [`readme_quotes_every_snippet`] checks that README.md quotes each verbatim.
+//! The snippets of docs/clients.md live in files (`bindings/snippets/*`,
+//! `examples/src/bin/{register,load}.rs`); the tests here run each of them,
+//! and [`docs_quote_every_snippet_and_readme_lines_come_from_them`] checks
+//! that docs/clients.md quotes each verbatim and README.md's lines are theirs.
 //!
 //! Needs: `sqlite3`, `flock(1)`, `/usr/bin/python3` with `venv`, a `python3`
 //! on PATH, `node` and `npm` (PyPI and the npm registry reachable for the
 //! first install). Builds on first use, once per test process: the Rust
 //! examples (`cargo build --release -p writelock-examples`), one venv per
 //! interpreter under `target/clients/` (`pip install ./bindings/python`, the
-//! README's own line), better-sqlite3 in `bindings/node/node_modules`.
+//! install line of the docs), better-sqlite3 in `bindings/node/node_modules`.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -41,7 +42,7 @@ fn repo() -> &'static Path {
     })
 }
 
-/// Files whose whole content README.md must quote, each run by a test here.
+/// Files whose whole content docs/clients.md must quote, each run by a test here.
 const SNIPPETS: [&str; 9] = [
     "bindings/snippets/shell.sh",
     "bindings/snippets/python-install.sh",
@@ -281,7 +282,7 @@ fn make_venv(py: Py) -> Result<Venv, String> {
         env,
         expect_how,
     };
-    // The README's install line, run as written from the repository root.
+    // The install line of docs/clients.md and the README, run as written from the repository root.
     let _g = PIP.lock().unwrap_or_else(|e| e.into_inner());
     let t = Instant::now();
     let o = v
@@ -1076,7 +1077,7 @@ fn python_auto_refuses_to_run_unprotected() {
     assert!(out.contains("refusing to run unprotected"), "{out}");
 }
 
-// ---- the README snippets, as written ------------------------------------------------
+// ---- the snippets of docs/clients.md, as written ------------------------------------
 
 /// An unmodified program for the Python recipes: prints its arguments and
 /// `writelock_status()` of `app.db`.
@@ -1162,7 +1163,7 @@ fn shell_load_then_open() {
     );
 }
 
-/// What the README warns about: `sqlite3 -cmd '.load …' app.db` opens app.db
+/// What docs/clients.md warns about: `sqlite3 -cmd '.load …' app.db` opens app.db
 /// before loading, so app.db is not protected — the status says so, and a
 /// `flock(1)` holder does not stop its writes. The `-cmd '.open app.db'`
 /// form, under the same holder, is stopped.
@@ -1307,21 +1308,47 @@ fn snippet_rust_load() {
     assert_status_lines("load.rs", &out, dir.path(), 1);
 }
 
-/// README.md quotes every snippet file verbatim, so what users copy is what
+/// docs/clients.md quotes every snippet file verbatim and the README's lines
+/// are theirs, so what users copy is what
 /// the tests above run.
 #[test]
-fn readme_quotes_every_snippet() {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+fn docs_quote_every_snippet_and_readme_lines_come_from_them() {
+    let clients = std::fs::read_to_string(repo().join("docs/clients.md")).unwrap();
+    let bodies: Vec<String> = SNIPPETS
+        .iter()
+        .map(|rel| std::fs::read_to_string(snippet(rel)).unwrap())
+        .collect();
     let missing: Vec<&str> = SNIPPETS
         .iter()
-        .copied()
-        .filter(|rel| {
-            let body = std::fs::read_to_string(snippet(rel)).unwrap();
-            !readme.contains(body.trim_end())
-        })
+        .zip(&bodies)
+        .filter(|(_, body)| !clients.contains(body.trim_end()))
+        .map(|(rel, _)| *rel)
         .collect();
     assert!(
         missing.is_empty(),
-        "README.md does not quote these files verbatim (paste each whole, in a fenced block): {missing:?}"
+        "docs/clients.md does not quote these files verbatim (paste each whole, in a fenced block): {missing:?}"
     );
+    // The README's one-line versions: every line of its fenced blocks in
+    // "Load it" is a line of a snippet that the tests here run.
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme.find("## Load it").expect("README has a Load it section");
+    let end = readme[start + 1..]
+        .find("\n## ")
+        .map_or(readme.len(), |i| start + 1 + i);
+    let mut in_block = false;
+    let mut lines = 0;
+    for line in readme[start..end].lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if in_block && !line.trim().is_empty() {
+            lines += 1;
+            assert!(
+                bodies.iter().any(|b| b.lines().any(|l| l.trim() == line.trim())),
+                "README.md's line {line:?} is in no snippet file {SNIPPETS:?}"
+            );
+        }
+    }
+    assert!(lines >= 4, "README.md's Load it section has {lines} code lines");
 }

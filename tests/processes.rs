@@ -390,6 +390,24 @@ fn loading_twice_is_harmless() {
     sh.finish();
 }
 
+/// `SQLITE_FCNTL_VFSNAME` (the shell's `.vfsname`) names the stack, as
+/// SQLite's own shims do: `writelock/unix`. Stock: the bare inner VFS.
+#[test]
+fn vfsname_names_the_shim_over_the_inner_vfs() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    for mode in Mode::BOTH {
+        let mut sh = Shell::start(&db, mode);
+        let out = sh.run(".vfsname");
+        sh.finish();
+        let want = match mode {
+            Mode::Writelock => "writelock/unix",
+            Mode::Stock => "unix",
+        };
+        assert_eq!(out.trim(), want, "{mode:?}");
+    }
+}
+
 /// `flock app.db.lock sqlite3 …` — a migration run under the lock: the shell
 /// inherits the locked description and must not wait for itself, while every
 /// other process stays excluded until flock(1) lets go.

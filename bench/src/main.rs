@@ -706,32 +706,39 @@ fn source_note() -> String {
     s
 }
 
-/// The 1-minute load average.
+/// The 1-minute load average (`/proc/loadavg`); NaN if it cannot be read.
 fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
-        .unwrap_or(f64::NAN)
+    use procfs::Current as _;
+    // procfs holds it as an f32; the file has two decimals, so round back to
+    // them (0.8, not 0.800000011920929 in results.json).
+    procfs::LoadAverage::current().map_or(f64::NAN, |l| (f64::from(l.one) * 100.0).round() / 100.0)
 }
 
-/// The filesystem type the databases live on (from /proc/self/mountinfo).
+/// The filesystem type the databases live on (from /proc/self/mountinfo):
+/// the longest mount point that holds `dir`; of equal ones, the last
+/// mounted, which is the one on top.
 fn fs_type(dir: &Path) -> String {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let Some(dash) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let (Some(mnt), Some(fstype)) = (f.get(4), f.get(dash + 1)) else {
-            continue;
-        };
-        if dir.starts_with(mnt) && best.as_ref().is_none_or(|(l, _)| mnt.len() > *l) {
-            best = Some((mnt.len(), fstype.to_string()));
-        }
-    }
-    best.map_or_else(|| "filesystem ?".into(), |(_, t)| format!("{t} filesystem"))
+    let mounts = procfs::process::Process::myself().and_then(|p| p.mountinfo());
+    mounts
+        .into_iter()
+        .flatten()
+        .filter(|m| dir.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .map_or_else(
+            || "filesystem ?".into(),
+            |m| format!("{} filesystem", m.fs_type),
+        )
+}
+
+/// The running kernel's release, as `uname -r` prints it. Read as it is:
+/// procfs's `KernelVersion` keeps only major.minor.patch and would drop the
+/// suffix (`-fc-v857`) that tells one build from another.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn f(v: f64, digits: usize) -> String {
@@ -784,10 +791,7 @@ fn drive(s: Settings) {
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_start = loadavg();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let kernel = kernel_release();
     let n_multi = if s.queue {
         s.journals.len() * s.procs.len() * Mode::ALL.len() * s.repeat
     } else {

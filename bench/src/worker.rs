@@ -449,9 +449,8 @@ fn writer(a: &Args) -> Value {
 /// CPU time this process used so far, in ms (`/proc/self/schedstat`, ns
 /// on CPU): pollers that burn CPU slow down the lock holder on a small machine.
 fn cpu_ms() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/schedstat").ok()?;
-    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
-    Some(ns / 1e6)
+    let s = procfs::process::Process::myself().ok()?.schedstat().ok()?;
+    Some(s.sum_exec_runtime as f64 / 1e6)
 }
 
 /// The reader: short SELECTs, each timed, 2 ms apart.

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use clap::builder::{EnumValueParser, PossibleValue, TypedValueParser};
 use clap::error::{ContextKind, ContextValue};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
@@ -273,7 +273,20 @@ impl Settings {
     }
 }
 
+/// An empty or blank `BENCH_*` variable means unset, as it always has
+/// (`BENCH_ONLY= make bench` runs both halves); clap would parse it as a
+/// value and refuse it. Runs first, while this process has one thread.
+fn drop_blank_env() {
+    for arg in Cli::command().get_arguments() {
+        let Some(name) = arg.get_env() else { continue };
+        if std::env::var_os(name).is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
+            std::env::remove_var(name);
+        }
+    }
+}
+
 fn main() {
+    drop_blank_env();
     let cli = Cli::parse();
     match cli.command {
         Some(Sub::Worker(a)) => worker::main(a),

@@ -92,19 +92,22 @@ fn xfail(journal: &str) -> bool {
 // ------------------------------------------------------------- processes
 
 fn spawn(role: &str, db: &Path, mode: &str, secs: f64, seed: u64, id: u32) -> Child {
+    let probe = env_f64("TORTURE_PROBE", 1.0) as u8 != 0;
     Command::new(WORKER)
         .arg(role)
-        .arg(format!("db={}", db.display()))
-        .arg(format!("dir={}", db.parent().unwrap().display()))
-        .arg(format!("mode={mode}"))
-        .arg(format!("secs={secs}"))
-        .arg(format!("seed={}", seed ^ (u64::from(id) << 32)))
-        .arg(format!("id={id}"))
+        .arg("--db")
+        .arg(db)
+        .arg("--dir")
+        .arg(db.parent().unwrap())
+        .arg(format!("--mode={mode}"))
+        .arg(format!("--secs={secs}"))
+        .arg(format!("--seed={}", seed ^ (u64::from(id) << 32)))
+        .arg(format!("--id={id}"))
         .arg(format!(
-            "busy={}",
+            "--busy={}",
             env_f64("TORTURE_BUSY_MS", 5000.0) as u64
         ))
-        .arg(format!("probe={}", env_f64("TORTURE_PROBE", 1.0) as u8))
+        .arg(format!("--probe={}", u8::from(probe)))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start torture_worker")

@@ -5,13 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use clap::ValueEnum;
 use rusqlite::{Connection, OpenFlags};
 
 /// Every connection's `busy_timeout`.
 pub const BUSY_TIMEOUT: Duration = Duration::from_millis(5000);
 
-/// The three contenders.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+/// The three contenders. As a command-line value: `stock`, `app-flock`,
+/// `writelock` (the same as [`Mode::name`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord, ValueEnum)]
 pub enum Mode {
     /// The plain `unix` VFS: SQLite's own locks only.
     Stock,
@@ -33,15 +35,6 @@ impl Mode {
         }
     }
 
-    pub fn parse(s: &str) -> Mode {
-        match s {
-            "stock" => Mode::Stock,
-            "app-flock" => Mode::AppFlock,
-            "writelock" => Mode::Writelock,
-            _ => panic!("unknown mode {s:?} (stock, app-flock, writelock)"),
-        }
-    }
-
     pub fn vfs(self) -> &'static str {
         match self {
             Mode::Writelock => "writelock",
@@ -50,12 +43,15 @@ impl Mode {
     }
 }
 
-/// The two journal modes measured.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
+/// The two journal modes measured. As a command-line value: `WAL`, `DELETE`
+/// (the same as [`Journal::name`]; arguments taking it ignore case).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord, ValueEnum)]
 pub enum Journal {
     /// WAL with `synchronous=NORMAL` (the usual WAL setting).
+    #[value(name = "WAL")]
     Wal,
     /// DELETE (rollback journal) with SQLite's default `synchronous=FULL`.
+    #[value(name = "DELETE")]
     Delete,
 }
 
@@ -66,14 +62,6 @@ impl Journal {
         match self {
             Journal::Wal => "WAL",
             Journal::Delete => "DELETE",
-        }
-    }
-
-    pub fn parse(s: &str) -> Journal {
-        match s {
-            "WAL" => Journal::Wal,
-            "DELETE" => Journal::Delete,
-            _ => panic!("unknown journal mode {s:?} (WAL, DELETE)"),
         }
     }
 
@@ -126,8 +114,9 @@ pub fn load_extension() {
 }
 
 /// Open `db` read-write for `mode`, with the benchmark's busy timeout and
-/// the journal mode's `synchronous` setting.
-pub fn connect(db: &Path, mode: Mode, journal: Journal) -> Connection {
+/// the journal mode's `synchronous` setting; writelock connections also run
+/// `pragmas`.
+pub fn connect(db: &Path, mode: Mode, journal: Journal, pragmas: &Pragmas) -> Connection {
     if mode == Mode::Writelock {
         load_extension();
     }
@@ -136,8 +125,8 @@ pub fn connect(db: &Path, mode: Mode, journal: Journal) -> Connection {
         .unwrap_or_else(|e| panic!("open {} with vfs {}: {e}", db.display(), mode.vfs()));
     c.busy_timeout(BUSY_TIMEOUT).expect("busy_timeout");
     if mode == Mode::Writelock {
-        for (k, v) in writelock_pragmas() {
-            c.pragma_update(None, &k, &v)
+        for (k, v) in &pragmas.0 {
+            c.pragma_update(None, k, v)
                 .unwrap_or_else(|e| panic!("PRAGMA {k} = {v}: {e}"));
         }
     }
@@ -222,17 +211,38 @@ pub fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
-/// `BENCH_WRITELOCK_PRAGMAS`: `name=value;…` for writelock connections.
-pub fn writelock_pragmas() -> Vec<(String, String)> {
-    std::env::var("BENCH_WRITELOCK_PRAGMAS")
-        .unwrap_or_default()
-        .split(';')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            let (k, v) = p
-                .split_once('=')
-                .expect("BENCH_WRITELOCK_PRAGMAS is name=value;…");
-            (k.trim().to_string(), v.trim().to_string())
-        })
-        .collect()
+/// `name=value;…` run as PRAGMAs on every writelock connection
+/// (`--writelock-pragmas`, `BENCH_WRITELOCK_PRAGMAS`). Blank entries are
+/// skipped, so a trailing `;` is fine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pragmas(pub Vec<(String, String)>);
+
+impl std::str::FromStr for Pragmas {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Pragmas, String> {
+        s.split(';')
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| match p.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => Err(format!("{:?} is not name=value", p.trim())),
+            })
+            .collect::<Result<_, _>>()
+            .map(Pragmas)
+    }
+}
+
+impl std::fmt::Display for Pragmas {
+    /// `name=value;…`, which `from_str` reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(";")?;
+            }
+            write!(f, "{k}={v}")?;
+        }
+        Ok(())
+    }
 }

@@ -2,26 +2,17 @@
 //! extension side by side, with real processes, in one invocation.
 //!
 //! ```text
-//! writelock-bench                 run everything, print the table, write target/bench/
-//! writelock-bench worker ROLE …   one worker process (the driver starts these)
+//! writelock-bench [OPTIONS]          run everything, print the table, write target/bench/
+//! writelock-bench worker --role …    one worker process (the driver starts these)
 //! ```
 //!
-//! Environment:
-//! * `BENCH_SECS` — seconds per task-queue run (default 3);
-//! * `BENCH_PROCS` — writer process counts (default `2,4,8,16`);
-//! * `BENCH_REPEAT` — runs of every task-queue configuration, modes
-//!   interleaved, samples pooled (default 2);
-//! * `BENCH_N_WAL`, `BENCH_N_DELETE` — single-writer transactions per mode and
-//!   round (default 10000 and 300: a DELETE commit with `synchronous=FULL`
-//!   costs several fsyncs);
-//! * `BENCH_ROUNDS` — single-writer rounds, one process each, median taken
-//!   (default 3);
-//! * `BENCH_ONLY` — `single` or `queue`: run one half;
-//! * `BENCH_JOURNALS` — journal modes (default `WAL,DELETE`);
-//! * `BENCH_WRITELOCK_PRAGMAS` — `name=value;…` run as PRAGMAs on every
-//!   writelock connection, to try the extension's options (e.g.
-//!   `writelock_checkpoint_wait_ms=0`); recorded in the results;
-//! * `WRITELOCK_SO` — the extension (default `target/release/libwritelock.so`).
+//! `writelock-bench --help` lists the options (seconds per run, writer
+//! counts, repeats, transactions per single-writer round, rounds, one half
+//! only, journal modes, PRAGMAs for writelock connections), each with its
+//! default and the `BENCH_*` environment variable that sets it, so
+//! `BENCH_SECS=1 make bench` works as well as `--secs 1`. `WRITELOCK_SO`
+//! names the extension (default `target/release/libwritelock.so`).
+//! docs/benchmark.md explains the output.
 
 mod common;
 mod plot;
@@ -29,25 +20,202 @@ mod stats;
 mod worker;
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::builder::{EnumValueParser, PossibleValue, TypedValueParser};
+use clap::error::{ContextKind, ContextValue};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
-use common::{Journal, Mode};
+use common::{Journal, Mode, Pragmas};
 use stats::{median, pct, sorted};
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(s) if !s.trim().is_empty() => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={s:?}: not a valid value")),
-        _ => default,
+#[derive(Parser, Debug)]
+#[command(
+    name = "writelock-bench",
+    about = "Stock SQLite vs the application-level flock vs the writelock extension, \
+             with real processes, modes interleaved",
+    long_about = "Stock SQLite vs the application-level flock vs the writelock extension, \
+                  with real processes, modes interleaved.\n\n\
+                  Runs a single-writer benchmark (one-row transactions, the three modes \
+                  taking turns inside one process) and a task-queue benchmark (N writer \
+                  processes + 1 reader per run) in each journal mode, prints the tables and \
+                  writes target/bench/results.md, results.json and writer-wait-cdf.svg. \
+                  Every option can also be set through the environment variable shown \
+                  with it (make bench passes the environment through).",
+    after_help = "Environment: WRITELOCK_SO is the extension to load \
+                  (default: <target>/release/libwritelock.so). \
+                  See docs/benchmark.md for how to read the results."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Sub {
+    /// One worker process; the driver starts these.
+    #[command(hide = true)]
+    Worker(worker::Args),
+}
+
+/// The driver's options: each one also read from its `BENCH_*` variable.
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Seconds per task-queue run.
+    #[arg(long, env = "BENCH_SECS", default_value = "3", value_parser = Opt(positive_secs))]
+    secs: f64,
+    /// Writer process counts for the task queue, comma-separated; one run
+    /// (per repeat, journal mode and mode) for each.
+    #[arg(
+        long,
+        env = "BENCH_PROCS",
+        value_name = "N,…",
+        value_delimiter = ',',
+        default_value = "2,4,8,16",
+        value_parser = Opt(at_least_one::<usize>)
+    )]
+    procs: Vec<usize>,
+    /// Runs of every task-queue configuration, the modes interleaved
+    /// (their order rotated each time), samples pooled.
+    #[arg(
+        long,
+        env = "BENCH_REPEAT",
+        default_value = "2",
+        value_parser = Opt(at_least_one::<usize>)
+    )]
+    repeat: usize,
+    /// Single writer, WAL: timed transactions per mode and round.
+    #[arg(
+        long,
+        env = "BENCH_N_WAL",
+        default_value = "10000",
+        value_parser = Opt(at_least_one::<u64>)
+    )]
+    n_wal: u64,
+    /// Single writer, DELETE: timed transactions per mode and round (fewer: a
+    /// DELETE commit with synchronous=FULL costs several fsyncs).
+    #[arg(
+        long,
+        env = "BENCH_N_DELETE",
+        default_value = "300",
+        value_parser = Opt(at_least_one::<u64>)
+    )]
+    n_delete: u64,
+    /// Single-writer rounds, one process each; the table shows the median.
+    #[arg(
+        long,
+        env = "BENCH_ROUNDS",
+        default_value = "3",
+        value_parser = Opt(at_least_one::<usize>)
+    )]
+    rounds: usize,
+    /// Run only one half: the single-writer benchmark or the task queue
+    /// (default: both).
+    #[arg(long, env = "BENCH_ONLY", value_parser = Opt(EnumValueParser::<Only>::new()))]
+    only: Option<Only>,
+    /// Journal modes, comma-separated, any case.
+    #[arg(
+        long,
+        env = "BENCH_JOURNALS",
+        value_name = "JOURNAL,…",
+        value_delimiter = ',',
+        default_value = "WAL,DELETE",
+        ignore_case = true,
+        value_parser = Opt(EnumValueParser::<Journal>::new())
+    )]
+    journals: Vec<Journal>,
+    /// `name=value;…` run as PRAGMAs on every writelock connection, to try
+    /// the extension's options (e.g. writelock_checkpoint_wait_ms=0);
+    /// recorded in the results.
+    #[arg(
+        long,
+        env = "BENCH_WRITELOCK_PRAGMAS",
+        value_name = "NAME=VALUE;…",
+        value_parser = Opt(|s: &str| s.parse::<Pragmas>())
+    )]
+    writelock_pragmas: Option<Pragmas>,
+}
+
+/// `--only`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Only {
+    /// The single-writer benchmark only.
+    Single,
+    /// The task-queue benchmark only.
+    Queue,
+}
+
+/// Seconds: a finite number above 0 (`Duration::from_secs_f64` panics on
+/// anything else).
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(_) => Err("must be a number of seconds above 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A count: a whole number, 1 or more.
+fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    match s.trim().parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err("must be 1 or more".into()),
+        Err(e) => Err(format!("{e} (a whole number, 1 or more)")),
+    }
+}
+
+/// The value parser of every driver option: ignores surrounding whitespace
+/// (`BENCH_PROCS="2, 4"`), defers to `P` (possible values included), and
+/// when a value is refused while the option's environment variable is set,
+/// says so: clap's message names only the flag.
+#[derive(Clone)]
+struct Opt<P>(P);
+
+impl<P: TypedValueParser> TypedValueParser for Opt<P> {
+    type Value = P::Value;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<P::Value, clap::Error> {
+        let trimmed = value.to_str().map_or(value, |s| OsStr::new(s.trim()));
+        self.0.parse_ref(cmd, arg, trimmed).map_err(|mut e| {
+            let Some(name) = arg.and_then(clap::Arg::get_env) else {
+                return e;
+            };
+            let set = std::env::var_os(name).unwrap_or_default();
+            let (set, bad) = (set.to_string_lossy(), trimmed.to_string_lossy());
+            if !bad.is_empty() && set.contains(&*bad) {
+                let tip = format!(
+                    "the value comes from the environment: {}={set:?}",
+                    name.to_string_lossy()
+                );
+                e.insert(
+                    ContextKind::Suggested,
+                    ContextValue::StyledStrs(vec![tip.into()]),
+                );
+            }
+            e
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        self.0.possible_values()
     }
 }
 
@@ -61,6 +229,24 @@ struct Settings {
     single: bool,
     queue: bool,
     journals: Vec<Journal>,
+    pragmas: Pragmas,
+}
+
+impl From<BenchArgs> for Settings {
+    fn from(a: BenchArgs) -> Settings {
+        Settings {
+            secs: a.secs,
+            procs: a.procs,
+            repeat: a.repeat,
+            n_wal: a.n_wal,
+            n_delete: a.n_delete,
+            rounds: a.rounds,
+            single: a.only != Some(Only::Queue),
+            queue: a.only != Some(Only::Single),
+            journals: a.journals,
+            pragmas: a.writelock_pragmas.unwrap_or_default(),
+        }
+    }
 }
 
 impl Settings {
@@ -77,53 +263,34 @@ impl Settings {
             Journal::Delete => 10,
         }
     }
+    /// Flags every worker gets besides its own: the PRAGMAs, if any.
+    fn worker_args(&self) -> Vec<OsString> {
+        if self.pragmas.0.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!("--writelock-pragmas={}", self.pragmas).into()]
+        }
+    }
 }
 
-fn settings() -> Settings {
-    let procs: String = env_or("BENCH_PROCS", "2,4,8,16".to_string());
-    let only: String = env_or("BENCH_ONLY", String::new());
-    let journals: String = env_or("BENCH_JOURNALS", "WAL,DELETE".to_string());
-    assert!(
-        ["", "single", "queue"].contains(&only.as_str()),
-        "BENCH_ONLY is single or queue"
-    );
-    Settings {
-        secs: env_or("BENCH_SECS", 3.0),
-        procs: procs
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .expect("BENCH_PROCS: comma-separated counts")
-            })
-            .collect(),
-        repeat: env_or("BENCH_REPEAT", 2usize).max(1),
-        n_wal: env_or("BENCH_N_WAL", 10000u64).max(1),
-        n_delete: env_or("BENCH_N_DELETE", 300u64).max(1),
-        rounds: env_or("BENCH_ROUNDS", 3usize).max(1),
-        single: only.is_empty() || only == "single",
-        queue: only.is_empty() || only == "queue",
-        journals: journals
-            .split(',')
-            .map(|j| Journal::parse(&j.trim().to_ascii_uppercase()))
-            .collect(),
+/// An empty or blank `BENCH_*` variable means unset, as it always has
+/// (`BENCH_ONLY= make bench` runs both halves); clap would parse it as a
+/// value and refuse it. Runs first, while this process has one thread.
+fn drop_blank_env() {
+    for arg in Cli::command().get_arguments() {
+        let Some(name) = arg.get_env() else { continue };
+        if std::env::var_os(name).is_some_and(|v| v.to_string_lossy().trim().is_empty()) {
+            std::env::remove_var(name);
+        }
     }
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("worker") => worker::main(&args[1..]),
-        None => drive(),
-        Some("-h" | "--help" | "help") => {
-            println!(
-                "usage: writelock-bench   (see the top of bench/src/main.rs for BENCH_* variables)"
-            );
-        }
-        Some(other) => {
-            eprintln!("writelock-bench: unknown argument {other:?} (try --help)");
-            std::process::exit(2);
-        }
+    drop_blank_env();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Sub::Worker(a)) => worker::main(a),
+        None => drive(cli.bench.into()),
     }
 }
 
@@ -137,7 +304,7 @@ struct Proc {
     out: std::thread::JoinHandle<String>,
 }
 
-fn spawn(args: &[String]) -> Proc {
+fn spawn(args: &[OsString]) -> Proc {
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = Command::new(exe)
         .arg("worker")
@@ -260,14 +427,17 @@ fn run_single(s: &Settings, root: &Path, journal: Journal) -> (Single, Value) {
             setup_db(&dir.join(m.name()), journal);
         }
         settle();
-        let out = finish(spawn(&[
-            "single".into(),
-            format!("db={}", dir.display()),
-            format!("journal={}", journal.name()),
-            format!("n={n}"),
-            format!("block={}", s.block(journal)),
-            format!("id={round}"),
-        ]));
+        let mut args: Vec<OsString> = vec![
+            "--role=single".into(),
+            "--db".into(),
+            dir.clone().into(),
+            format!("--journal={}", journal.name()).into(),
+            format!("--n={n}").into(),
+            format!("--block={}", s.block(journal)).into(),
+            format!("--id={round}").into(),
+        ];
+        args.extend(s.worker_args());
+        let out = finish(spawn(&args));
         let mut line = format!(
             "  single writer {:<6} round {}/{}:",
             journal.name(),
@@ -413,16 +583,19 @@ fn run_multi_once(
     settle();
     let lead = Duration::from_millis(300 + 40 * procs as u64);
     let start_ns = common::now_ns() + lead.as_nanos();
-    let common_args = |role: &str, id: usize| -> Vec<String> {
-        vec![
-            role.into(),
-            format!("db={}", db.display()),
-            format!("mode={}", mode.name()),
-            format!("journal={}", journal.name()),
-            format!("secs={}", s.secs),
-            format!("start={start_ns}"),
-            format!("id={id}"),
-        ]
+    let common_args = |role: &str, id: usize| -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            format!("--role={role}").into(),
+            "--db".into(),
+            db.clone().into(),
+            format!("--mode={}", mode.name()).into(),
+            format!("--journal={}", journal.name()).into(),
+            format!("--secs={}", s.secs).into(),
+            format!("--start={start_ns}").into(),
+            format!("--id={id}").into(),
+        ];
+        args.extend(s.worker_args());
+        args
     };
     let mut ps: Vec<Proc> = (0..procs)
         .map(|i| spawn(&common_args("writer", i + 1)))
@@ -546,32 +719,39 @@ fn source_note() -> String {
     s
 }
 
-/// The 1-minute load average.
+/// The 1-minute load average (`/proc/loadavg`); NaN if it cannot be read.
 fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
-        .unwrap_or(f64::NAN)
+    use procfs::Current as _;
+    // procfs holds it as an f32; the file has two decimals, so round back to
+    // them (0.8, not 0.800000011920929 in results.json).
+    procfs::LoadAverage::current().map_or(f64::NAN, |l| (f64::from(l.one) * 100.0).round() / 100.0)
 }
 
-/// The filesystem type the databases live on (from /proc/self/mountinfo).
+/// The filesystem type the databases live on (from /proc/self/mountinfo):
+/// the longest mount point that holds `dir`; of equal ones, the last
+/// mounted, which is the one on top.
 fn fs_type(dir: &Path) -> String {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut best: Option<(usize, String)> = None;
-    for line in info.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let Some(dash) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let (Some(mnt), Some(fstype)) = (f.get(4), f.get(dash + 1)) else {
-            continue;
-        };
-        if dir.starts_with(mnt) && best.as_ref().is_none_or(|(l, _)| mnt.len() > *l) {
-            best = Some((mnt.len(), fstype.to_string()));
-        }
-    }
-    best.map_or_else(|| "filesystem ?".into(), |(_, t)| format!("{t} filesystem"))
+    let mounts = procfs::process::Process::myself().and_then(|p| p.mountinfo());
+    mounts
+        .into_iter()
+        .flatten()
+        .filter(|m| dir.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .map_or_else(
+            || "filesystem ?".into(),
+            |m| format!("{} filesystem", m.fs_type),
+        )
+}
+
+/// The running kernel's release, as `uname -r` prints it. Read as it is:
+/// procfs's `KernelVersion` keeps only major.minor.patch and would drop the
+/// suffix (`-fc-v857`) that tells one build from another.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn f(v: f64, digits: usize) -> String {
@@ -608,8 +788,7 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-fn drive() {
-    let s = settings();
+fn drive(s: Settings) {
     let t0 = Instant::now();
     let target = common::target_dir();
     let out_dir = target.join("bench");
@@ -625,10 +804,7 @@ fn drive() {
     }
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load_start = loadavg();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let kernel = kernel_release();
     let n_multi = if s.queue {
         s.journals.len() * s.procs.len() * Mode::ALL.len() * s.repeat
     } else {
@@ -907,7 +1083,9 @@ fn drive() {
     let source = source_note();
     let load_end = loadavg();
     let fs_note = fs_type(&run_root);
-    let pragmas = common::writelock_pragmas()
+    let pragmas = s
+        .pragmas
+        .0
         .iter()
         .map(|(k, v)| format!("PRAGMA {k} = {v}"))
         .collect::<Vec<_>>()

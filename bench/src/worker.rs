@@ -1,7 +1,8 @@
-//! The worker processes: `writelock-bench worker ROLE key=value...`.
+//! The worker processes: `writelock-bench worker --role ROLE --db PATH …`
+//! (the driver starts them; `writelock-bench worker --help` lists the flags).
 //!
 //! Roles:
-//! * `single` — one process, `n` one-row INSERT transactions per mode (after a
+//! * `single` — one process, `--n` one-row INSERT transactions per mode (after a
 //!   short warm-up), the three modes interleaved in blocks, each timed.
 //! * `writer` — the task-queue workload until the deadline: read the queue,
 //!   claim a task and insert a run (one write transaction), read the task and
@@ -16,7 +17,6 @@
 //! counts `SQLITE_BUSY` errors that reached the application, i.e. after the
 //! 5 s `busy_timeout` ran out. Each worker prints one JSON line on stdout.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -24,48 +24,62 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde_json::{json, Value};
 
-use crate::common::{self, Journal, Mode};
+use crate::common::{self, Journal, Mode, Pragmas};
 
-struct Args {
-    role: String,
+/// The worker's flags. The driver passes all of them; the defaults are for
+/// running one worker by hand.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// What this process does.
+    #[arg(long, value_enum)]
+    role: Role,
+    /// The database; for `single`, the directory holding `stock/`,
+    /// `app-flock/` and `writelock/`, one `bench.db` in each.
+    #[arg(long)]
     db: PathBuf,
+    /// Which contender (`writer` and `reader`; `single` runs all three).
+    #[arg(long, value_enum, default_value_t = Mode::Stock)]
     mode: Mode,
+    /// The database's journal mode, which connections check.
+    #[arg(long, value_enum, ignore_case = true)]
     journal: Journal,
+    /// This process's number: the writer id stored in rows, the payload seed.
+    #[arg(long, default_value_t = 0)]
     id: u64,
+    /// Seconds to run after the start time (`writer`, `reader`).
+    #[arg(long, default_value_t = 3.0, value_parser = crate::positive_secs)]
     secs: f64,
+    /// Start time, ns since the Unix epoch: every worker of a run sleeps
+    /// until then (0: start at once).
+    #[arg(long = "start", default_value_t = 0)]
     start_ns: u128,
+    /// Timed transactions per mode (`single`).
+    #[arg(long, default_value_t = 2000)]
     n: u64,
+    /// Transactions per turn when the modes take turns (`single`).
+    #[arg(long, default_value_t = 100)]
     block: u64,
+    /// `name=value;…` run as PRAGMAs on every writelock connection.
+    #[arg(long, default_value = "")]
+    writelock_pragmas: Pragmas,
 }
 
-fn parse(args: &[String]) -> Args {
-    let role = args.first().cloned().expect("worker ROLE key=value...");
-    let mut kv = BTreeMap::new();
-    for a in &args[1..] {
-        let (k, v) = a.split_once('=').expect("worker arguments are key=value");
-        kv.insert(k.to_string(), v.to_string());
-    }
-    let get = |k: &str| kv.get(k).cloned();
-    Args {
-        role,
-        db: PathBuf::from(get("db").expect("db=PATH")),
-        mode: Mode::parse(&get("mode").unwrap_or_else(|| "stock".into())),
-        journal: Journal::parse(&get("journal").expect("journal=")),
-        id: get("id").map_or(0, |s| s.parse().unwrap()),
-        secs: get("secs").map_or(3.0, |s| s.parse().unwrap()),
-        start_ns: get("start").map_or(0, |s| s.parse().unwrap()),
-        n: get("n").map_or(2000, |s| s.parse().unwrap()),
-        block: get("block").map_or(100, |s| s.parse().unwrap()),
-    }
+/// The worker roles (see the top of this file).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Role {
+    /// One process, one-row INSERTs, the three modes interleaved in blocks.
+    Single,
+    /// The task-queue writer.
+    Writer,
+    /// The task-queue reader.
+    Reader,
 }
 
-pub fn main(args: &[String]) {
-    let a = parse(args);
-    let out = match a.role.as_str() {
-        "single" => single(&a),
-        "writer" => writer(&a),
-        "reader" => reader(&a),
-        r => panic!("unknown worker role {r:?}"),
+pub fn main(a: Args) {
+    let out = match a.role {
+        Role::Single => single(&a),
+        Role::Writer => writer(&a),
+        Role::Reader => reader(&a),
     };
     println!("{out}");
 }
@@ -99,8 +113,8 @@ struct Writer {
 }
 
 impl Writer {
-    fn new(db: &Path, mode: Mode, journal: Journal) -> Writer {
-        let conn = common::connect(db, mode, journal);
+    fn new(db: &Path, mode: Mode, journal: Journal, pragmas: &Pragmas) -> Writer {
+        let conn = common::connect(db, mode, journal, pragmas);
         let app_lock = (mode == Mode::AppFlock).then(|| {
             OpenOptions::new()
                 .create(true)
@@ -242,9 +256,9 @@ impl Writer {
     }
 }
 
-/// One process, one database per mode (`db` is the directory holding
-/// `stock/`, `app-flock/` and `writelock/`), `n` one-row INSERT transactions
-/// per mode, run in blocks of `block` transactions that rotate through the
+/// One process, one database per mode (`--db` is the directory holding
+/// `stock/`, `app-flock/` and `writelock/`), `--n` one-row INSERT transactions
+/// per mode, run in blocks of `--block` transactions that rotate through the
 /// modes, so slow phases of the disk (fsync latency drifts a lot on shared
 /// machines) hit every mode alike. Stock connections use VFS `unix`
 /// explicitly, so loading the extension into this process does not touch them.
@@ -254,7 +268,12 @@ fn single(a: &Args) -> Value {
         .map(|&m| {
             (
                 m,
-                Writer::new(&a.db.join(m.name()).join("bench.db"), m, a.journal),
+                Writer::new(
+                    &a.db.join(m.name()).join("bench.db"),
+                    m,
+                    a.journal,
+                    &a.writelock_pragmas,
+                ),
             )
         })
         .collect();
@@ -315,7 +334,7 @@ fn single(a: &Args) -> Value {
 
 /// The task-queue writer.
 fn writer(a: &Args) -> Value {
-    let mut w = Writer::new(&a.db, a.mode, a.journal);
+    let mut w = Writer::new(&a.db, a.mode, a.journal, &a.writelock_pragmas);
     let me = a.id as i64;
     let mut reads = 0u64;
     let mut prev_run: i64 = 0;
@@ -430,14 +449,13 @@ fn writer(a: &Args) -> Value {
 /// CPU time this process used so far, in ms (`/proc/self/schedstat`, ns
 /// on CPU): pollers that burn CPU slow down the lock holder on a small machine.
 fn cpu_ms() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/schedstat").ok()?;
-    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
-    Some(ns / 1e6)
+    let s = procfs::process::Process::myself().ok()?.schedstat().ok()?;
+    Some(s.sum_exec_runtime as f64 / 1e6)
 }
 
 /// The reader: short SELECTs, each timed, 2 ms apart.
 fn reader(a: &Args) -> Value {
-    let conn = common::connect(&a.db, a.mode, a.journal);
+    let conn = common::connect(&a.db, a.mode, a.journal, &a.writelock_pragmas);
     let deadline = wait_for_start(a);
     let mut lat = Vec::new();
     let mut busy = 0u64;

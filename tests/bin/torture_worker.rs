@@ -1,9 +1,11 @@
 //! One process of the torture suite (`tests/torture.rs` starts many of them).
 //!
 //! ```text
-//! torture_worker ROLE db=PATH dir=DIR mode=writelock|stock|appflock
-//!                [secs=F] [seed=N] [id=N] [probe=1|0] [busy=MS]
+//! torture_worker ROLE --db PATH [--dir DIR] [--mode writelock|stock|appflock]
+//!                [--secs F] [--seed N] [--id N] [--probe 1|0] [--busy MS]
 //! ```
+//!
+//! `torture_worker --help` lists the flags and their defaults.
 //!
 //! Roles:
 //! * `writer` — task-queue write transactions (claim a task, insert a run and
@@ -21,7 +23,7 @@
 //! usual application-level fix: `flock(LOCK_EX)` on `<db>.lock` taken before
 //! BEGIN and released after COMMIT/ROLLBACK, around every write.
 //!
-//! The "app bug" probe (`probe=1`, the default): `File::open(db)`, read 100
+//! The "app bug" probe (`--probe 1`, the default): `File::open(db)`, read 100
 //! bytes, drop. Closing that descriptor drops every POSIX lock this process
 //! holds on the database file, SQLite's included. Writers probe after each
 //! commit and between statements, the reader between statements, maintenance
@@ -48,18 +50,98 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{ArgAction, Parser, ValueEnum};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use writelock_tests::Rng;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// How the worker opens the database.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum AppMode {
+    /// Load the extension and open through VFS `writelock`.
     Writelock,
+    /// The plain `unix` VFS.
     Stock,
+    /// `unix` plus flock(LOCK_EX) on `<db>.lock` around every write.
+    #[value(name = "appflock")]
     AppFlock,
 }
 
+/// What the worker does (see the top of this file).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Role {
+    /// Task-queue write transactions with think time, reconnecting now and then.
+    Writer,
+    /// Read transactions, one result streamed row by row with pauses.
+    Reader,
+    /// VACUUM, large UPDATE/DELETE, wal_checkpoint(TRUNCATE).
+    Maintenance,
+    /// Write transactions in a tight loop until SIGKILLed.
+    Crasher,
+    /// One write with busy_timeout 1 s, timed.
+    Oneshot,
+}
+
+impl Role {
+    /// The name on the command line, also the `role` of the JSON line.
+    fn name(self) -> String {
+        self.to_possible_value()
+            .expect("no role is skipped")
+            .get_name()
+            .to_string()
+    }
+}
+
+/// One process of the torture suite (tests/torture.rs starts many of them).
+#[derive(Parser, Debug)]
+#[command(name = "torture_worker")]
+struct Args {
+    /// What this process does.
+    #[arg(value_enum)]
+    role: Role,
+    /// The database.
+    #[arg(long)]
+    db: PathBuf,
+    /// Where the witness files go (default: the database's directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// How to open the database.
+    #[arg(long, value_enum, default_value_t = AppMode::Writelock)]
+    mode: AppMode,
+    /// Seconds to run (every role but oneshot).
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
+    secs: f64,
+    /// Seed of this process's random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// This process's number: in rows, in witness file names.
+    #[arg(long, default_value_t = 0)]
+    id: u32,
+    /// Run the "app bug" (open, read and close the database file).
+    #[arg(
+        long,
+        default_value = "1",
+        action = ArgAction::Set,
+        value_parser = PossibleValuesParser::new(["1", "0"]).map(|p| p == "1")
+    )]
+    probe: bool,
+    /// busy_timeout, ms.
+    #[arg(long = "busy", value_name = "MS", default_value_t = 5000)]
+    busy_ms: u64,
+}
+
+/// Seconds: a finite number, 0 or more (`Duration::from_secs_f64` panics
+/// on anything else).
+fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        Ok(_) => Err("must be a number of seconds, 0 or more".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 struct Cfg {
-    role: String,
+    role: Role,
     db: PathBuf,
     dir: PathBuf,
     mode: AppMode,
@@ -71,34 +153,24 @@ struct Cfg {
 }
 
 fn parse_args() -> Cfg {
-    let mut args = std::env::args().skip(1);
-    let role = args
-        .next()
-        .expect("usage: torture_worker ROLE key=value...");
-    let mut kv = BTreeMap::new();
-    for a in args {
-        let (k, v) = a.split_once('=').expect("arguments are key=value");
-        kv.insert(k.to_string(), v.to_string());
-    }
-    let get = |k: &str| kv.get(k).cloned();
-    let db = PathBuf::from(get("db").expect("db=PATH"));
+    let a = Args::parse();
     Cfg {
-        role,
-        dir: get("dir")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| db.parent().unwrap().to_path_buf()),
-        db,
-        mode: match get("mode").as_deref().unwrap_or("writelock") {
-            "writelock" => AppMode::Writelock,
-            "stock" => AppMode::Stock,
-            "appflock" => AppMode::AppFlock,
-            m => panic!("unknown mode {m}"),
-        },
-        secs: get("secs").map_or(5.0, |s| s.parse().unwrap()),
-        seed: get("seed").map_or(1, |s| s.parse().unwrap()),
-        id: get("id").map_or(0, |s| s.parse().unwrap()),
-        probe: get("probe").is_none_or(|p| p != "0"),
-        busy: Duration::from_millis(get("busy").map_or(5000, |s| s.parse().unwrap())),
+        role: a.role,
+        dir: a.dir.unwrap_or_else(|| {
+            let parent = a.db.parent().unwrap_or(Path::new("."));
+            if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_path_buf()
+            }
+        }),
+        db: a.db,
+        mode: a.mode,
+        secs: a.secs,
+        seed: a.seed,
+        id: a.id,
+        probe: a.probe,
+        busy: Duration::from_millis(a.busy_ms),
     }
 }
 
@@ -126,7 +198,7 @@ impl Stats {
 
     fn json(&self, cfg: &Cfg, extra: serde_json::Value) -> String {
         let mut v = serde_json::json!({
-            "role": cfg.role,
+            "role": cfg.role.name(),
             "id": cfg.id,
             "attempts": self.attempts,
             "commits": self.commits,
@@ -827,13 +899,12 @@ fn oneshot(cfg: &Cfg) -> String {
 
 fn main() {
     let cfg = parse_args();
-    let out = match cfg.role.as_str() {
-        "writer" => writer(&cfg),
-        "reader" => reader(&cfg),
-        "maintenance" => maintenance(&cfg),
-        "crasher" => crasher(&cfg),
-        "oneshot" => oneshot(&cfg),
-        r => panic!("unknown role {r}"),
+    let out = match cfg.role {
+        Role::Writer => writer(&cfg),
+        Role::Reader => reader(&cfg),
+        Role::Maintenance => maintenance(&cfg),
+        Role::Crasher => crasher(&cfg),
+        Role::Oneshot => oneshot(&cfg),
     };
     println!("{out}");
 }

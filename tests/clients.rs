@@ -1331,7 +1331,9 @@ fn docs_quote_every_snippet_and_readme_lines_come_from_them() {
     // The README's one-line versions: every line of its fenced blocks in
     // "Load it" is a line of a snippet that the tests here run.
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
-    let start = readme.find("## Load it").expect("README has a Load it section");
+    let start = readme
+        .find("## Load it")
+        .expect("README has a Load it section");
     let end = readme[start + 1..]
         .find("\n## ")
         .map_or(readme.len(), |i| start + 1 + i);
@@ -1345,10 +1347,15 @@ fn docs_quote_every_snippet_and_readme_lines_come_from_them() {
         if in_block && !line.trim().is_empty() {
             lines += 1;
             assert!(
-                bodies.iter().any(|b| b.lines().any(|l| l.trim() == line.trim())),
+                bodies
+                    .iter()
+                    .any(|b| b.lines().any(|l| l.trim() == line.trim())),
                 "README.md's line {line:?} is in no snippet file {SNIPPETS:?}"
             );
         }
     }
-    assert!(lines >= 4, "README.md's Load it section has {lines} code lines");
+    assert!(
+        lines >= 4,
+        "README.md's Load it section has {lines} code lines"
+    );
 }

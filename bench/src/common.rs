@@ -177,7 +177,11 @@ CREATE TABLE events(
 );
 CREATE INDEX events_run ON events(run_id);
 CREATE TABLE single(id INTEGER PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE kv(k INTEGER PRIMARY KEY, v INTEGER NOT NULL, pad TEXT NOT NULL);
 ";
+
+/// Rows of `kv`, which the deferred transactions update.
+pub const KV_ROWS: usize = 100;
 
 /// Pending tasks the queue starts with (each finished task enqueues one more).
 pub const INITIAL_TASKS: usize = 1000;

@@ -14,9 +14,11 @@
 //! names the extension (default `target/release/libwritelock.so`).
 //! docs/benchmark.md explains the output.
 
+mod cases;
 mod common;
 mod plot;
 mod stats;
+mod targets;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -114,14 +116,23 @@ struct BenchArgs {
     #[arg(
         long,
         env = "BENCH_ROUNDS",
-        default_value = "3",
+        default_value = "5",
         value_parser = Opt(at_least_one::<usize>)
     )]
     rounds: usize,
-    /// Run only one half: the single-writer benchmark or the task queue
-    /// (default: both).
+    /// Run only one part: the single-writer benchmark, the task queue, the
+    /// thread-pool case or the deferred-transaction case (default: all).
     #[arg(long, env = "BENCH_ONLY", value_parser = Opt(EnumValueParser::<Only>::new()))]
     only: Option<Only>,
+    /// Threads (one connection each) in the many-connections-in-one-process
+    /// case.
+    #[arg(
+        long,
+        env = "BENCH_THREADS",
+        default_value = "200",
+        value_parser = Opt(at_least_one::<usize>)
+    )]
+    threads: usize,
     /// Journal modes, comma-separated, any case.
     #[arg(
         long,
@@ -152,6 +163,10 @@ enum Only {
     Single,
     /// The task-queue benchmark only.
     Queue,
+    /// Many connections in one process only.
+    Threads,
+    /// Deferred read-then-write transactions only.
+    Deferred,
 }
 
 /// Seconds: a finite number above 0 (`Duration::from_secs_f64` panics on
@@ -228,6 +243,9 @@ struct Settings {
     rounds: usize,
     single: bool,
     queue: bool,
+    threads_case: bool,
+    deferred_case: bool,
+    threads: usize,
     journals: Vec<Journal>,
     pragmas: Pragmas,
 }
@@ -241,8 +259,11 @@ impl From<BenchArgs> for Settings {
             n_wal: a.n_wal,
             n_delete: a.n_delete,
             rounds: a.rounds,
-            single: a.only != Some(Only::Queue),
-            queue: a.only != Some(Only::Single),
+            single: a.only.is_none_or(|o| o == Only::Single),
+            queue: a.only.is_none_or(|o| o == Only::Queue),
+            threads_case: a.only.is_none_or(|o| o == Only::Threads),
+            deferred_case: a.only.is_none_or(|o| o == Only::Deferred),
+            threads: a.threads,
             journals: a.journals,
             pragmas: a.writelock_pragmas.unwrap_or_default(),
         }
@@ -367,6 +388,14 @@ fn setup_db(dir: &Path, journal: Journal) -> PathBuf {
             .unwrap();
         }
     }
+    {
+        let mut st = c
+            .prepare("INSERT INTO kv(k, v, pad) VALUES (?1, 0, '')")
+            .unwrap();
+        for k in 0..common::KV_ROWS {
+            st.execute([k as i64]).unwrap();
+        }
+    }
     c.execute_batch("COMMIT").unwrap();
     db
 }
@@ -482,6 +511,13 @@ struct Multi {
     secs: f64,
     commits: u64,
     per_proc: Vec<u64>,
+    /// Each writer process's p99 latency of one task-queue iteration (its
+    /// reads and both write transactions), ms.
+    proc_iter_p99: Vec<f64>,
+    /// Every iteration's latency, pooled, ms.
+    iters_ms: Vec<f64>,
+    /// Commits per second of each run (the spread between repeats).
+    run_tput: Vec<f64>,
     busy: u64,
     writer_read_busy: u64,
     waits_ms: Vec<f64>,
@@ -510,6 +546,10 @@ impl Multi {
     /// Writer CPU time per commit, µs.
     fn cpu_per_commit_us(&self) -> f64 {
         self.cpu_ms * 1000.0 / self.commits as f64
+    }
+    /// The worst-served writer process's p99 iteration latency, ms.
+    fn worst_iter_p99(&self) -> f64 {
+        self.proc_iter_p99.iter().copied().fold(f64::NAN, f64::max)
     }
     fn fairness(&self) -> f64 {
         let min = self.per_proc.iter().min().copied().unwrap_or(0) as f64;
@@ -640,6 +680,15 @@ fn run_multi_once(
                     acc.waits_ms
                         .extend(w.iter().filter_map(Value::as_f64).map(|u| u / 1000.0));
                 }
+                if let Some(w) = o["iters_us"].as_array() {
+                    let it: Vec<f64> = w
+                        .iter()
+                        .filter_map(Value::as_f64)
+                        .map(|u| u / 1000.0)
+                        .collect();
+                    acc.proc_iter_p99.push(pct(&sorted(&it), 99.0));
+                    acc.iters_ms.extend(it);
+                }
                 let x = &o["extension"];
                 acc.cpu_ms += o["cpu_ms"].as_f64().unwrap_or(f64::NAN);
                 acc.ext_acq += x["acquisitions"].as_u64().unwrap_or(0);
@@ -671,6 +720,7 @@ fn run_multi_once(
     }
     acc.commits += commits;
     acc.secs += s.secs;
+    acc.run_tput.push(commits as f64 / s.secs);
     let maxo = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(x), Some(y)) => Some(x.max(y)),
         (x, y) => x.or(y),
@@ -774,20 +824,6 @@ fn ms(v: f64) -> String {
     }
 }
 
-/// One target line: the ratio, the bound and whether it holds.
-struct Target {
-    what: String,
-    cells: Vec<String>,
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "missed"
-    }
-}
-
 fn drive(s: Settings) {
     let t0 = Instant::now();
     let target = common::target_dir();
@@ -883,6 +919,45 @@ fn drive(s: Settings) {
         }
     }
 
+    // -- many connections in one process; deferred transactions ----------------
+    let mut threads = Vec::new();
+    for j in s.journals.iter().copied().filter(|_| s.threads_case) {
+        for m in Mode::ALL {
+            let t = cases::run_threads(&s, &run_root, j, m);
+            eprintln!(
+                "  {} threads {:<6} {:<9} {:>6.2} s  errors {}  extra threads {}  lock descriptors {}  check {}",
+                t.threads,
+                j.name(),
+                m.name(),
+                t.secs,
+                t.busy,
+                t.extra_threads,
+                t.lock_fds,
+                t.check
+            );
+            threads.push(t);
+        }
+    }
+    let mut deferred: BTreeMap<(Journal, Mode), cases::Deferred> = BTreeMap::new();
+    for j in s.journals.iter().copied().filter(|_| s.deferred_case) {
+        for rep in 0..s.repeat {
+            let mut order = Mode::ALL.to_vec();
+            order.rotate_left(rep % Mode::ALL.len());
+            for m in order {
+                let acc = deferred.entry((j, m)).or_default();
+                let before = (acc.attempts, acc.busy);
+                cases::run_deferred(&s, &run_root, j, m, acc);
+                eprintln!(
+                    "  deferred {:<6} {:<9} {} attempts, BUSY {}",
+                    j.name(),
+                    m.name(),
+                    acc.attempts - before.0,
+                    acc.busy - before.1
+                );
+            }
+        }
+    }
+
     // -- tables -------------------------------------------------------------------
     let mut md = String::new();
     if s.single {
@@ -933,18 +1008,18 @@ fn drive(s: Settings) {
                 String::new()
             }
         );
-        let _ = writeln!(md, "Writer wait: from the start of the attempt (before the app-flock, before `BEGIN IMMEDIATE`) until the first statement succeeded, busy retries included. BUSY: `SQLITE_BUSY` that reached the application (after `busy_timeout` 5000 ms). Reader: latency of each short SELECT, busy waits included; reads: how many it completed (it sleeps 2 ms between reads, so few reads means it was kept waiting). Fairness: fewest / most commits of one writer process. CPU µs/commit: CPU time of all writer processes per commit (busy polling shows here). WAL: size of `-wal` at the end of the run. Check: commits reported = rows in the database, and `PRAGMA quick_check`.\n");
-        let _ = writeln!(md, "| journal | writers | mode | commits/s | wait p50 ms | p95 | p99 | max | reader p99 ms | reader max | reads | BUSY | fairness | CPU µs/commit | WAL MiB | check |");
+        let _ = writeln!(md, "Writer wait: from the start of the attempt (before the app-flock, before `BEGIN IMMEDIATE`) until the first statement succeeded, busy retries included. BUSY: `SQLITE_BUSY` that reached the application (after `busy_timeout` 5000 ms). Reader: latency of each short SELECT, busy waits included; reads: how many it completed (it sleeps 2 ms between reads, so few reads means it was kept waiting). Fairness: fewest / most commits of one writer process. Worst p99 iteration: each writer process's p99 latency of one loop iteration (its reads and both write transactions), the worst process's. CPU µs/commit: CPU time of all writer processes per commit (busy polling shows here). WAL: size of `-wal` at the end of the run. Check: commits reported = rows in the database, and `PRAGMA quick_check`.\n");
+        let _ = writeln!(md, "| journal | writers | mode | commits/s | wait p50 ms | p95 | p99 | max | reader p99 ms | reader max | reads | BUSY | fairness | worst p99 iteration ms | CPU µs/commit | WAL MiB | check |");
         let _ = writeln!(
             md,
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         );
         for ((j, p, m), r) in &multis {
             let w = sorted(&r.waits_ms);
             let rd = sorted(&r.reader_ms);
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}/{}) | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}/{}) | {} | {} | {} | {} |",
                 j.name(),
                 p,
                 m.name(),
@@ -960,6 +1035,7 @@ fn drive(s: Settings) {
                 f(r.fairness(), 2),
                 r.per_proc.iter().min().copied().unwrap_or(0),
                 r.per_proc.iter().max().copied().unwrap_or(0),
+                ms(r.worst_iter_p99()),
                 f(r.cpu_per_commit_us(), 0),
                 r.wal_end.map_or("–".into(), |b| f(mib(b), 1)),
                 r.check()
@@ -967,118 +1043,9 @@ fn drive(s: Settings) {
         }
     }
 
-    // -- targets --------------------------------------------------------------------
-    let mut targets: Vec<Target> = Vec::new();
-    if s.single {
-        targets.push(Target {
-            what: "single writer: writelock / stock time ≤ 1.03".into(),
-            cells: singles
-                .iter()
-                .map(|r| {
-                    let x = r.ratio(Mode::Writelock);
-                    format!("{} ({})", f(x, 3), verdict(x <= 1.03))
-                })
-                .collect(),
-        });
-    }
-    let at = 8usize;
-    if s.queue && s.procs.contains(&at) {
-        let get = |j: Journal, m: Mode| &multis[&(j, at, m)];
-        let p = |j: Journal, m: Mode, q: f64| pct(&sorted(&get(j, m).waits_ms), q);
-        let rp = |j: Journal, m: Mode, q: f64| pct(&sorted(&get(j, m).reader_ms), q);
-        let row = |what: &str, cell: &dyn Fn(Journal) -> String| Target {
-            what: what.into(),
-            cells: Journal::ALL
-                .iter()
-                .map(|&j| {
-                    if s.journals.contains(&j) {
-                        cell(j)
-                    } else {
-                        "–".into()
-                    }
-                })
-                .collect(),
-        };
-        // "ratio (writelock / other ms) (verdict)" for the latency rows.
-        let ms_cell = |w: f64, other: f64, met: &dyn Fn(f64) -> bool| {
-            let x = w / other;
-            format!(
-                "{} ({} / {} ms) ({})",
-                f(x, 3),
-                ms(w),
-                ms(other),
-                verdict(met(x))
-            )
-        };
-        targets.push(row("8 writers: SQLITE_BUSY reaching the app = 0", &|j| {
-            let b = get(j, Mode::Writelock).busy;
-            format!("{b} ({})", verdict(b == 0))
-        }));
-        targets.push(row("8 writers: max wait ≤ 0.1 × stock's", &|j| {
-            let (w, st) = (p(j, Mode::Writelock, 100.0), p(j, Mode::Stock, 100.0));
-            ms_cell(w, st, &|x| x <= 0.1)
-        }));
-        targets.push(row(
-            "8 writers: p99 wait ≤ 1.25 × better of stock, app-flock",
-            &|j| {
-                let w = p(j, Mode::Writelock, 99.0);
-                let best = p(j, Mode::Stock, 99.0).min(p(j, Mode::AppFlock, 99.0));
-                ms_cell(w, best, &|x| x <= 1.25)
-            },
-        ));
-        targets.push(row(
-            "8 writers: throughput ≥ 0.95 × better of stock, app-flock",
-            &|j| {
-                let w = get(j, Mode::Writelock).throughput();
-                let best = get(j, Mode::Stock)
-                    .throughput()
-                    .max(get(j, Mode::AppFlock).throughput());
-                let x = w / best;
-                format!(
-                    "{} ({:.0} / {:.0} /s) ({})",
-                    f(x, 3),
-                    w,
-                    best,
-                    verdict(x >= 0.95)
-                )
-            },
-        ));
-        targets.push(row(
-            "8 writers: fairness ≥ app-flock's (min/max commits)",
-            &|j| {
-                let (w, a) = (
-                    get(j, Mode::Writelock).fairness(),
-                    get(j, Mode::AppFlock).fairness(),
-                );
-                let x = w / a;
-                format!(
-                    "{} ({} / {}) ({})",
-                    f(x, 3),
-                    f(w, 2),
-                    f(a, 2),
-                    verdict(w >= a)
-                )
-            },
-        ));
-        for (label, pct) in [
-            ("8 writers: reader p99 ≤ stock's", 99.0),
-            ("8 writers: reader max ≤ stock's", 100.0),
-        ] {
-            targets.push(row(label, &|j| {
-                let (w, st) = (rp(j, Mode::Writelock, pct), rp(j, Mode::Stock, pct));
-                ms_cell(w, st, &|x| x <= 1.0)
-            }));
-        }
-    }
-    let _ = writeln!(
-        md,
-        "\n### Targets (writelock against the others; ratios, not assertions)\n"
-    );
-    let _ = writeln!(md, "| target | WAL | DELETE |");
-    let _ = writeln!(md, "|---|---|---|");
-    for t in &targets {
-        let _ = writeln!(md, "| {} | {} |", t.what, t.cells.join(" | "));
-    }
+    cases::tables(&mut md, &s, &threads, &deferred);
+    let targets = targets::evaluate(&s, &singles, &multis, &threads, &deferred);
+    targets::table(&mut md, &targets);
     let elapsed = t0.elapsed().as_secs_f64();
     let source = source_note();
     let load_end = loadavg();
@@ -1126,6 +1093,8 @@ fn drive(s: Settings) {
                 "writer_cpu_s": r.cpu_ms / 1000.0, "writer_cpu_us_per_commit": r.cpu_per_commit_us(),
                 "busy": r.busy, "reader_busy": r.reader_busy, "writer_read_busy": r.writer_read_busy,
                 "commits_per_process": r.per_proc, "fairness_min_over_max": r.fairness(),
+                "iteration_ms": {"p50": pct(&sorted(&r.iters_ms), 50.0), "p99": pct(&sorted(&r.iters_ms), 99.0), "worst_process_p99": r.worst_iter_p99(), "per_process_p99": r.proc_iter_p99},
+                "commits_per_s_per_run": r.run_tput,
                 "wal_bytes": {"mid": r.wal_mid, "end": r.wal_end, "max": r.wal_max},
                 "extension": {"acquisitions": r.ext_acq, "contended": r.ext_contended, "busy": r.ext_busy, "protected": r.ext_protected, "wait_total_ms": r.ext_wait_total_ms, "wait_max_ms": r.ext_wait_max_ms, "hold_max_ms": r.ext_hold_max_ms},
                 "check": r.check(),
@@ -1149,7 +1118,8 @@ fn drive(s: Settings) {
         "settings": {"secs": s.secs, "procs": s.procs, "repeat": s.repeat, "single_n_wal": s.n_wal, "single_n_delete": s.n_delete, "single_rounds": s.rounds, "busy_timeout_ms": common::BUSY_TIMEOUT.as_millis() as u64, "journals": s.journals.iter().map(|j| j.name()).collect::<Vec<_>>(), "writelock_pragmas": pragmas},
         "single_writer": json_single,
         "task_queue": json_multi,
-        "targets": targets.iter().map(|t| json!({"target": t.what, "WAL": t.cells.first(), "DELETE": t.cells.get(1)})).collect::<Vec<_>>(),
+        "cases": cases::json(&threads, &deferred),
+        "targets": targets::json(&targets),
         "elapsed_s": elapsed,
     });
     let json_path = out_dir.join("results.json");

@@ -10,6 +10,14 @@
 //!   mark the task done and enqueue a follow-up (a second write transaction).
 //! * `reader` — short SELECTs (count by status, a join of runs and events)
 //!   every 2 ms, each timed.
+//! * `threads` — a thread-pool server: `--threads` threads, each with its own
+//!   connection (`busy_timeout` 30 s), `--n` one-row write transactions
+//!   each; how long, how many errors, and how many threads and `<db>.lock`
+//!   descriptors the process had at most.
+//! * `deferred` — Django's default transaction: `BEGIN` (deferred), read a
+//!   row, update it, `COMMIT`, 1 ms of other work between requests. Such an
+//!   upgrade from read to write gets `SQLITE_BUSY` at once when the write lock
+//!   is taken (SQLite does not call the busy handler for it); counted.
 //!
 //! Every write transaction is `BEGIN IMMEDIATE … COMMIT`. Writer wait is the
 //! time from the start of the attempt (before the app-flock, before BEGIN) to
@@ -62,6 +70,9 @@ pub struct Args {
     /// `name=value;…` run as PRAGMAs on every writelock connection.
     #[arg(long, default_value = "")]
     writelock_pragmas: Pragmas,
+    /// Threads, each with its own connection (`threads`).
+    #[arg(long, default_value_t = 200)]
+    threads: usize,
 }
 
 /// The worker roles (see the top of this file).
@@ -73,6 +84,12 @@ enum Role {
     Writer,
     /// The task-queue reader.
     Reader,
+    /// Many connections in one process: `--threads` threads, each with its
+    /// own connection, `--n` one-row write transactions each.
+    Threads,
+    /// Deferred read-then-write transactions (`BEGIN; SELECT; UPDATE;
+    /// COMMIT`, Django's default), a request's worth of work apart.
+    Deferred,
 }
 
 pub fn main(a: Args) {
@@ -80,6 +97,8 @@ pub fn main(a: Args) {
         Role::Single => single(&a),
         Role::Writer => writer(&a),
         Role::Reader => reader(&a),
+        Role::Threads => threads(&a),
+        Role::Deferred => deferred(&a),
     };
     println!("{out}");
 }
@@ -349,8 +368,10 @@ fn writer(a: &Args) -> Value {
             Err(e) => panic!("read: {e}"),
         }
     };
+    let mut iters_us: Vec<f64> = Vec::new();
     while Instant::now() < deadline {
         seq += 1;
+        let iter_start = Instant::now();
         // Read: how much work is there?
         read(&w.conn, &|c| {
             c.prepare_cached("SELECT count(*) FROM tasks WHERE status = 'pending'")?
@@ -431,6 +452,7 @@ fn writer(a: &Args) -> Value {
         if done.is_none() {
             break;
         }
+        iters_us.push(us(iter_start.elapsed()));
         prev_run = run;
     }
     json!({
@@ -441,6 +463,7 @@ fn writer(a: &Args) -> Value {
         "read_busy": read_busy.get(),
         "reads": reads,
         "waits_us": w.waits_us,
+        "iters_us": iters_us,
         "cpu_ms": cpu_ms(),
         "extension": w.extension_counters(),
     })
@@ -497,5 +520,138 @@ fn reader(a: &Args) -> Value {
         "reads": lat.len(),
         "busy": busy,
         "lat_us": lat,
+    })
+}
+
+/// `--threads` threads in this one process, each with its own connection
+/// (`busy_timeout` 30 s), each running `--n` one-row write transactions; they
+/// start together. Reports the time until the last one finished, the
+/// `SQLITE_BUSY` errors that reached the threads (each retried), and the most
+/// threads and `<db>.lock` descriptors the process had meanwhile (sampled
+/// every 2 ms): the extension's own threads are what exceeds the workers.
+fn threads(a: &Args) -> Value {
+    let n = a.threads;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n + 1));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lock = common::lock_path(&a.db);
+    let monitor = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut threads, mut lock_fds) = (0u64, 0usize);
+            let me = procfs::process::Process::myself().expect("/proc/self");
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(st) = me.status() {
+                    threads = threads.max(st.threads);
+                }
+                if let Ok(fds) = me.fd() {
+                    let k = fds
+                        .flatten()
+                        .filter(|f| matches!(&f.target, procfs::process::FDTarget::Path(p) if *p == lock))
+                        .count();
+                    lock_fds = lock_fds.max(k);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (threads, lock_fds)
+        })
+    };
+    let workers: Vec<_> = (0..n)
+        .map(|i| {
+            let (db, mode, journal) = (a.db.clone(), a.mode, a.journal);
+            let pragmas = a.writelock_pragmas.clone();
+            let barrier = barrier.clone();
+            let todo = a.n;
+            let row = common::payload(a.id * 1000 + i as u64, 100);
+            std::thread::spawn(move || {
+                let mut w = Writer::new(&db, mode, journal, &pragmas);
+                w.conn
+                    .busy_timeout(Duration::from_secs(30))
+                    .expect("busy_timeout");
+                barrier.wait();
+                for _ in 0..todo {
+                    w.tx(false, |c, mark| {
+                        c.prepare_cached("INSERT INTO single(v) VALUES (?1)")?
+                            .execute([&row])?;
+                        mark();
+                        Ok(())
+                    });
+                }
+                (w.commits, w.busy)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let t0 = Instant::now();
+    let (mut commits, mut busy) = (0u64, 0u64);
+    for w in workers {
+        let (c, b) = w.join().expect("worker thread");
+        commits += c;
+        busy += b;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (peak_threads, lock_fds) = monitor.join().expect("monitor thread");
+    json!({
+        "role": "threads",
+        "threads": n,
+        "n": a.n,
+        "secs": secs,
+        "commits": commits,
+        "busy": busy,
+        // Workers, the main thread and the monitor are ours; the rest belong
+        // to the extension (or SQLite).
+        "extra_threads": peak_threads.saturating_sub(n as u64 + 2),
+        "lock_fds": lock_fds,
+    })
+}
+
+/// Deferred read-then-write transactions until the deadline, on the `kv`
+/// table: `BEGIN; SELECT …; UPDATE …; COMMIT`, 1 ms apart. A `SQLITE_BUSY` at
+/// any step rolls back and counts, as a web request would fail (Django
+/// raises `OperationalError: database is locked`); app-flock wraps the whole
+/// transaction in its flock.
+fn deferred(a: &Args) -> Value {
+    let mut w = Writer::new(&a.db, a.mode, a.journal, &a.writelock_pragmas);
+    let deadline = wait_for_start(a);
+    let (mut attempts, mut busy) = (0u64, 0u64);
+    let mut x = a.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let pad = common::payload(a.id, 1500);
+    while Instant::now() < deadline {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let k = (x % common::KV_ROWS as u64) as i64;
+        attempts += 1;
+        if let Some(f) = &w.app_lock {
+            f.lock().expect("flock(LOCK_EX)");
+        }
+        let r = (|| -> rusqlite::Result<()> {
+            w.conn.execute_batch("BEGIN")?;
+            let v: i64 = w
+                .conn
+                .prepare_cached("SELECT v FROM kv WHERE k = ?1")?
+                .query_row([k], |r| r.get(0))?;
+            w.conn
+                .prepare_cached("UPDATE kv SET v = ?2, pad = ?3 WHERE k = ?1")?
+                .execute(params![k, v + 1, &pad])?;
+            w.conn.execute_batch("COMMIT")
+        })();
+        match r {
+            Ok(()) => w.commits += 1,
+            Err(e) if is_busy(&e) => {
+                busy += 1;
+                w.rollback();
+            }
+            Err(e) => panic!("deferred transaction: {e}"),
+        }
+        w.unlock();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    json!({
+        "role": "deferred",
+        "id": a.id,
+        "attempts": attempts,
+        "commits": w.commits,
+        "busy": busy,
     })
 }

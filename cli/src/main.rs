@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
 use writelock_core::lockfile::{kind_of, lock_path_for, resolve_db_path, LockFile, Opener};
-use writelock_core::page::now_ms;
+use writelock_core::page::{flags::RELEASING, now_ms, peek, RING};
 
 const EXIT_HELP: &str = "\
 The lock file is <resolved database path>.lock: symlinks are resolved as
@@ -293,9 +293,8 @@ fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
     }
 }
 
-/// `HH:MM:SS.mmm` (UTC) for log lines.
-fn clock() -> String {
-    let ms = now_ms();
+/// `HH:MM:SS.mmm` (UTC) of `ms` since the epoch, for log lines.
+fn clock_at(ms: u64) -> String {
     let s = ms / 1000;
     format!(
         "{:02}:{:02}:{:02}.{:03}Z",
@@ -306,6 +305,20 @@ fn clock() -> String {
     )
 }
 
+/// `HH:MM:SS.mmm` (UTC) now.
+fn clock() -> String {
+    clock_at(now_ms())
+}
+
+/// How often `watch` asks the kernel about holders that leave no record
+/// (`flock(1)`, an application's own flock): a read of `/proc/locks` stalls
+/// every lock call in the system while it runs.
+const KERNEL_EVERY: Duration = Duration::from_millis(100);
+
+/// The hold `watch` last announced: pid, and when the holder record says it
+/// began (None for holders without a record), and when it was seen.
+type Shown = Option<(u32, Option<u64>, Instant)>;
+
 fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
     let (_, lock, _) = match lock_file_of(db) {
         Ok(x) => x,
@@ -313,39 +326,101 @@ fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
     };
     let end = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     println!("{} watching {}", clock(), lock.display());
-    let mut current: Option<(u32, Instant)> = None;
+    let held = |pid: u32, at: String| {
+        let cmd = cmdline(pid).unwrap_or_else(|| "exited".into());
+        println!("{at} held  by pid {pid} ({cmd})");
+    };
+    // Holds of the extension's connections come from the ring on the shared
+    // page, however short; the holder now from the record, else the kernel.
+    let mut seen = peek(&lock).map_or(0, |s| s.holds);
+    let mut current: Shown = None;
+    let mut kernel_at: Option<Instant> = None;
+    let mut kernel_pid: Option<u32> = None;
     loop {
-        let now = current_holder(&lock).map(|h| h.pid);
-        match (current, now) {
-            (None, Some(pid)) => {
-                println!(
-                    "{} held  by pid {pid} ({})",
-                    clock(),
-                    cmdline(pid).unwrap_or_default()
-                );
-                current = Some((pid, Instant::now()));
+        let snap = peek(&lock).unwrap_or_default();
+        if snap.holds > seen + RING as u64 {
+            println!(
+                "{} ({} holds too short to see were not shown)",
+                clock(),
+                snap.holds - seen - RING as u64
+            );
+        }
+        let since_seen = seen;
+        for h in snap.recent.iter().filter(|h| h.n > since_seen) {
+            seen = h.n;
+            let end_ms = h.start_ms + h.held.as_millis() as u64;
+            if !matches!(current, Some((pid, Some(start), _)) if pid == h.pid && start == h.start_ms)
+            {
+                held(h.pid, clock_at(h.start_ms));
             }
-            (Some((old, t0)), now) if now != Some(old) => {
-                println!(
-                    "{} free  pid {old} held it {} ms",
-                    clock(),
-                    t0.elapsed().as_millis()
-                );
-                current = None;
-                if let Some(pid) = now {
-                    println!(
-                        "{} held  by pid {pid} ({})",
-                        clock(),
-                        cmdline(pid).unwrap_or_default()
-                    );
-                    current = Some((pid, Instant::now()));
+            println!(
+                "{} free  pid {} held it {} ms",
+                clock_at(end_ms),
+                h.pid,
+                fmt_ms(h.held)
+            );
+            current = None;
+        }
+        let now = match snap.holder {
+            Some(r) if r.flags & RELEASING == 0 => Some((r.pid, Some(r.since_ms))),
+            // Letting go: its ring entry follows.
+            Some(r) => current.filter(|c| c.0 == r.pid).map(|c| (c.0, c.1)),
+            None => {
+                if kernel_at.is_none_or(|t| t.elapsed() >= KERNEL_EVERY) {
+                    kernel_at = Some(Instant::now());
+                    kernel_pid = current_holder(&lock).map(|h| h.pid);
+                }
+                match (kernel_pid, current) {
+                    // The holder shown, its record just cleared: the same hold.
+                    (Some(pid), Some(c)) if c.0 == pid => Some((c.0, c.1)),
+                    // A holder of the extension that set its record since.
+                    (Some(pid), _) => {
+                        let rec = peek(&lock).and_then(|s| s.holder);
+                        let since = rec
+                            .filter(|r| r.pid == pid && r.flags & RELEASING == 0)
+                            .map(|r| r.since_ms);
+                        Some((pid, since))
+                    }
+                    (None, _) => None,
                 }
             }
-            _ => {}
+        };
+        match (current, now) {
+            (Some((pid, since, _)), Some(n)) if (pid, since) == n => {}
+            (Some((pid, since, t0)), now) => {
+                // Left without a ring entry (a holder without a record), or
+                // replaced by the next holder before its entry was read.
+                if since.is_none() {
+                    println!(
+                        "{} free  pid {pid} held it {} ms",
+                        clock(),
+                        fmt_ms(t0.elapsed())
+                    );
+                }
+                current = now.map(|(pid, since)| {
+                    held(pid, since.map_or_else(clock, clock_at));
+                    (pid, since, Instant::now())
+                });
+            }
+            (None, Some((pid, since))) => {
+                held(pid, since.map_or_else(clock, clock_at));
+                current = Some((pid, since, Instant::now()));
+            }
+            (None, None) => {}
         }
         if end.is_some_and(|e| Instant::now() >= e) {
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(every);
+    }
+}
+
+/// A duration in ms: whole above 10 ms, else with one decimal.
+fn fmt_ms(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms >= 10.0 {
+        format!("{ms:.0}")
+    } else {
+        format!("{ms:.1}")
     }
 }

@@ -189,7 +189,7 @@ pub const MARKER_BYTE: i64 = 2;
 const BORROW_BYTE: i64 = 3;
 
 /// The OFD shadow lock a handle holds (see [`LockFile::shadow`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Shadow {
     /// None held.
     Unlocked,
@@ -232,6 +232,8 @@ pub struct LockCounters {
     /// Times it got the fresh file's flock but waited for a writer still
     /// holding the old one.
     pub split_waits: u64,
+    /// Times it found the lock free but reserved for an older waiter.
+    pub yields: u64,
 }
 
 /// An open `<db>.lock`, with its own open file description: two handles in
@@ -255,6 +257,14 @@ pub struct LockFile {
     /// The holder record this handle set on the page while it holds.
     record: u64,
     counters: LockCounters,
+    /// The waiter slot the handle owns while it queues (see `wait`).
+    queue_slot: Option<usize>,
+    /// How long the oldest waiter may wait before a release of this handle
+    /// reserves the lock for it.
+    handoff_after: std::time::Duration,
+    /// When the current hold began (monotonic, and ms since the epoch), for
+    /// the ring of recent holds.
+    held_since: Option<(std::time::Instant, u64)>,
 }
 
 /// Identifies this copy of the extension in this process in the holder
@@ -447,6 +457,9 @@ impl LockFile {
             pid: process::pid(),
             record: 0,
             counters: LockCounters::default(),
+            queue_slot: None,
+            handoff_after: std::time::Duration::from_millis(crate::options::DEFAULT_HANDOFF_MS),
+            held_since: None,
         };
         lf.adopt()?;
         lf.page = Page::for_lock_file(&lf.path, mode);
@@ -633,6 +646,15 @@ impl LockFile {
                         self.counters.split_waits += 1;
                         return Ok(false);
                     }
+                    if let Some(p) = &self.page {
+                        if !p.may_take(self.queue_slot) {
+                            // Reserved for the oldest waiter: not ours to take.
+                            let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+                            self.counters.yields += 1;
+                            return Ok(false);
+                        }
+                        p.took(self.queue_slot);
+                    }
                     self.hold = Hold::Own;
                     if let Some(p) = &self.page {
                         let f = if self.opener == Opener::Tool {
@@ -642,6 +664,7 @@ impl LockFile {
                         };
                         self.record = p.set_holder(process::pid(), token(), f, self.key);
                     }
+                    self.note_start();
                     return Ok(true);
                 }
                 // Contended: do not move even if stale — the holder may be a
@@ -699,12 +722,23 @@ impl LockFile {
             };
             if claimed {
                 self.hold = Hold::Borrowed;
+                self.note_start();
                 self.counters.borrows += 1;
                 return Ok(true);
             }
             let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
         }
         Ok(false)
+    }
+
+    /// Note when the hold began, as the holder record says (tools match the
+    /// ring's entry to the record they saw by it).
+    fn note_start(&mut self) {
+        let ms = self
+            .page
+            .as_ref()
+            .map_or_else(crate::page::now_ms, |p| p.holder_since_ms());
+        self.held_since = Some((std::time::Instant::now(), ms));
     }
 
     /// Drop the lock if held, clearing the holder record first and waking
@@ -717,6 +751,15 @@ impl LockFile {
         let was = std::mem::replace(&mut self.hold, Hold::No);
         if was == Hold::No {
             return;
+        }
+        if let (Some(p), Some((t0, start_ms))) = (&self.page, self.held_since.take()) {
+            // Still holding: holders write the ring one at a time.
+            let f = match (was, self.opener) {
+                (Hold::Borrowed, _) => flags::BORROWED,
+                (_, Opener::Tool) => flags::TOOL,
+                _ => 0,
+            };
+            p.ring_push(process::pid(), f, start_ms, t0.elapsed());
         }
         if was == Hold::Borrowed {
             // The application still holds its lock: nobody to wake.
@@ -736,7 +779,7 @@ impl LockFile {
         let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
         if let (Some(p), Some(w)) = (&self.page, marked) {
             p.clear_holder(w);
-            p.wake_next();
+            p.wake_next(self.handoff_after.as_nanos() as u64);
         }
     }
 
@@ -757,7 +800,11 @@ impl LockFile {
         };
         let ok = self.ofd_lock(SHADOW_BYTE, l_type)?;
         if ok {
+            let lowered = to < self.shadow;
             self.shadow = to;
+            if lowered {
+                self.open_gate();
+            }
         }
         Ok(ok)
     }
@@ -766,9 +813,32 @@ impl LockFile {
     pub fn pending(&mut self, on: bool) -> Result<bool, LockError> {
         let ok = self.ofd_lock(PENDING_BYTE, if on { libc::F_WRLCK } else { libc::F_UNLCK })?;
         if ok {
+            let dropped = self.pending && !on;
             self.pending = on;
+            if dropped {
+                self.open_gate();
+            }
         }
         Ok(ok)
+    }
+
+    /// A shadow lock or the pending marker was let go: wake whoever waits
+    /// at the page's gate for that.
+    fn open_gate(&self) {
+        if let Some(p) = &self.page {
+            p.gate_open();
+        }
+    }
+
+    /// Note the waiter slot the handle owns (None when it stops queueing).
+    pub fn set_queue_slot(&mut self, slot: Option<usize>) {
+        self.queue_slot = slot;
+    }
+
+    /// How long the oldest waiter may wait before a release of this handle
+    /// reserves the lock for it (`writelock_handoff_ms`).
+    pub fn set_handoff_after(&mut self, d: std::time::Duration) {
+        self.handoff_after = d;
     }
 
     /// Whether another handle holds the pending byte (a writer waits for

@@ -27,6 +27,9 @@ pub struct Options {
     pub queue_ahead: Duration,
     /// Open databases on network/FUSE filesystems anyway (URI only).
     pub allow_network_fs: bool,
+    /// How long the oldest waiter may wait before a release reserves the
+    /// lock for it (the bound on unfairness; 0: strict arrival order).
+    pub handoff: Duration,
 }
 
 impl Default for Options {
@@ -37,17 +40,22 @@ impl Default for Options {
             queue: true,
             queue_ahead: Duration::from_millis(25),
             allow_network_fs: false,
+            handoff: Duration::from_millis(DEFAULT_HANDOFF_MS),
         }
     }
 }
 
+/// The default of `writelock_handoff_ms`.
+pub const DEFAULT_HANDOFF_MS: u64 = 5;
+
 /// Every option name, as URI parameter and PRAGMA.
-pub const NAMES: [&str; 5] = [
+pub const NAMES: [&str; 6] = [
     "writelock_hold_warn_ms",
     "writelock_checkpoint_wait_ms",
     "writelock_queue",
     "writelock_queue_ahead_ms",
     "writelock_allow_network_fs",
+    "writelock_handoff_ms",
 ];
 
 const MAX_MS: u64 = 3_600_000;
@@ -83,6 +91,7 @@ impl Options {
             "writelock_queue" => self.queue = parse_bool(name, value)?,
             "writelock_queue_ahead_ms" => self.queue_ahead = parse_ms(name, value)?,
             "writelock_allow_network_fs" => self.allow_network_fs = parse_bool(name, value)?,
+            "writelock_handoff_ms" => self.handoff = parse_ms(name, value)?,
             _ => return Err(unknown(name)),
         }
         Ok(())
@@ -96,6 +105,7 @@ impl Options {
             "writelock_queue" => Ok(u8::from(self.queue).to_string()),
             "writelock_queue_ahead_ms" => Ok(self.queue_ahead.as_millis().to_string()),
             "writelock_allow_network_fs" => Ok(u8::from(self.allow_network_fs).to_string()),
+            "writelock_handoff_ms" => Ok(self.handoff.as_millis().to_string()),
             _ => Err(unknown(name)),
         }
     }

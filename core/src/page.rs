@@ -14,8 +14,15 @@
 //!   go, so a record that is set names a live holder unless that holder was
 //!   killed (checked with `kill(pid, 0)`).
 //! * **waiter slots** — one per waiting connection: pid, arrival time, and a
-//!   futex word. A releaser wakes the *oldest* live waiter, only it, and only
-//!   when someone waits: one wake-up per hand-off.
+//!   futex word. A releaser wakes the *oldest* sleeping waiter, only it, and
+//!   only when someone waits: one wake-up per release. Whether it also
+//!   reserves the lock for that waiter (a *hand-off*) is
+//!   [`crate::wait::policy`]'s decision; the page keeps the word.
+//! * **the gate** — a futex word bumped when a handle lets go of a shadow
+//!   lock or the pending marker while someone waits for that: readers held
+//!   off by a committing writer, a writer waiting for readers.
+//! * **the ring** — the last [`RING`] holds by the extension's handles (pid,
+//!   start, duration), so `writelock watch` misses none, however short.
 //!
 //! Correctness never depends on the page: the `flock` is the lock. A page that
 //! is lost, deleted or replaced costs wake-ups (waiters then poll) and
@@ -32,6 +39,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use nix::libc;
+
+use crate::wait::policy;
 
 /// `<db>.lock-shm` for a lock file `<db>.lock`.
 pub fn page_path_for(lock_path: &Path) -> PathBuf {
@@ -65,6 +74,32 @@ const OFF_ACQUISITIONS: usize = 32;
 /// [`HolderRecord::file`]).
 const OFF_HOLDER_DEV: usize = 40;
 const OFF_HOLDER_INO: usize = 48;
+/// One more than the highest slot ever claimed: scans stop there.
+const OFF_SLOTS_HI: usize = 24;
+/// The gate: a generation bumped on releases that someone waits for, and
+/// how many sleep on it.
+const OFF_GATE: usize = 56;
+const OFF_GATE_SLEEPERS: usize = 60;
+/// The hand-off word ([`crate::wait::policy::Handoff::to_word`]), 0: none.
+const OFF_HANDOFF: usize = 64;
+/// Holds written to the ring, ever.
+const OFF_RING_HEAD: usize = 72;
+
+/// The ring of recent holds: [`RING`] entries of [`RING_ENTRY`] bytes.
+const RING_AT: usize = 256;
+const RING_ENTRY: usize = 40;
+/// How many recent holds the ring keeps.
+pub const RING: usize = 64;
+const _: () = assert!(RING_AT + RING * RING_ENTRY <= 4096);
+// Ring entry fields: the hold's number (1, 2, …; 0 while written), pid,
+// flags, start (ms since the epoch), duration (µs), and the number again:
+// a reader that finds both equal read a whole entry.
+const R_SEQ: usize = 0;
+const R_PID: usize = 8;
+const R_FLAGS: usize = 12;
+const R_START_MS: usize = 16;
+const R_HELD_US: usize = 24;
+const R_SEQ2: usize = 32;
 
 /// Waiter slots start here; each is [`SLOT_LEN`] bytes.
 const SLOTS_AT: usize = 4096;
@@ -83,6 +118,9 @@ const S_EXPIRES: usize = 16;
 const FREE: u32 = 0;
 const WAITING: u32 = 1;
 const WOKEN: u32 = 2;
+/// Owned, but its owner is back in SQLite between two sleeps (or gave up):
+/// not woken, never handed the lock.
+const AWAY: u32 = 3;
 
 /// A waiting process holds an OFD write lock on byte `SLOT_LOCKS + i` of the
 /// side file while it owns slot `i`: the kernel drops it when the process
@@ -264,6 +302,11 @@ impl Page {
         }
     }
 
+    /// When the holder recorded now took the lock (ms since the epoch).
+    pub fn holder_since_ms(&self) -> u64 {
+        self.map.u64_at(OFF_HOLDER_SINCE_MS).load(Ordering::Relaxed)
+    }
+
     fn next_seq(&self) -> u32 {
         self.map
             .u64_at(OFF_ACQUISITIONS)
@@ -422,6 +465,9 @@ impl Page {
                     continue;
                 }
                 self.map.u32_at(OFF_WAITING).fetch_add(1, Ordering::AcqRel);
+                self.map
+                    .u32_at(OFF_SLOTS_HI)
+                    .fetch_max(i as u32 + 1, Ordering::AcqRel);
                 self.slot_u32(i, S_PID).store(me, Ordering::Relaxed);
                 self.slot_u64(i, S_EXPIRES)
                     .store(expires_ns, Ordering::Relaxed);
@@ -433,10 +479,32 @@ impl Page {
         None
     }
 
-    /// The owner keeps its slot for another wait, until `expires_ns`.
+    /// The owner keeps its slot for another wait, until `expires_ns`, and
+    /// sleeps in it again.
     pub fn refresh_slot(&self, i: usize, expires_ns: u64) {
         self.slot_u64(i, S_EXPIRES)
             .store(expires_ns, Ordering::Release);
+        let _ = self.slot_u32(i, S_STATE).compare_exchange(
+            AWAY,
+            WAITING,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The owner goes back to SQLite without the lock (its sleep ended): the
+    /// slot keeps its place in the queue but is neither woken nor handed the
+    /// lock until the owner sleeps in it again.
+    pub fn away(&self, i: usize) {
+        let state = self.slot_u32(i, S_STATE);
+        let _ = state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            (s == WAITING || s == WOKEN).then_some(AWAY)
+        });
+    }
+
+    /// How many slots a scan must look at.
+    fn slots_hi(&self) -> usize {
+        (self.map.u32_at(OFF_SLOTS_HI).load(Ordering::Acquire) as usize).min(SLOTS)
     }
 
     /// The owner gives its slot up.
@@ -464,7 +532,7 @@ impl Page {
     /// The live waiting slots, oldest first: `(slot, pid, arrival_ns)`.
     pub fn waiters(&self) -> Vec<(usize, u32, u64)> {
         let now = mono_ns();
-        let mut v: Vec<(usize, u32, u64)> = (0..SLOTS)
+        let mut v: Vec<(usize, u32, u64)> = (0..self.slots_hi())
             .filter_map(|i| {
                 let st = self.slot_u32(i, S_STATE).load(Ordering::Acquire);
                 let arrival = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
@@ -481,7 +549,7 @@ impl Page {
     pub fn is_oldest(&self, i: usize) -> bool {
         let mine = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
         let now = mono_ns();
-        !(0..SLOTS).any(|j| {
+        !(0..self.slots_hi()).any(|j| {
             j != i
                 && self.slot_u32(j, S_STATE).load(Ordering::Acquire) != FREE
                 && self.slot_u64(j, S_EXPIRES).load(Ordering::Relaxed) > now
@@ -492,27 +560,122 @@ impl Page {
         })
     }
 
-    /// After a release: wake the oldest live waiter, if any — one wake-up
-    /// per hand-off. If the oldest was woken already (and has not taken the
-    /// lock yet, e.g. someone barged in between), it is woken again rather
-    /// than a younger one, so the order holds.
-    pub fn wake_next(&self) {
+    /// After a release: wake the oldest waiter asleep in its slot, if any —
+    /// one wake-up per release — and reserve the lock for it if it has
+    /// waited `handoff_after_ns` or longer (see [`crate::wait::policy`]).
+    pub fn wake_next(&self, handoff_after_ns: u64) {
         if !self.has_waiters() {
             return;
         }
-        for _ in 0..3 {
-            let Some(&(i, _, _)) = self.waiters().first() else {
-                return;
-            };
-            let state = self.slot_u32(i, S_STATE);
-            let woke = state
-                .compare_exchange(WAITING, WOKEN, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok();
-            if woke || state.load(Ordering::Acquire) == WOKEN {
-                crate::sys::futex_wake(state, 1);
-                return;
-            }
+        let now = mono_ns();
+        let live: Vec<policy::Waiter> = (0..self.slots_hi())
+            .filter_map(|i| {
+                let st = self.slot_u32(i, S_STATE).load(Ordering::Acquire);
+                let arrival = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
+                let live = st != FREE
+                    && arrival != 0
+                    && self.slot_u64(i, S_EXPIRES).load(Ordering::Relaxed) > now;
+                live.then_some(policy::Waiter {
+                    slot: i,
+                    arrival_ns: arrival,
+                    asleep: st == WAITING || st == WOKEN,
+                })
+            })
+            .collect();
+        let r = policy::on_release(now, &live, handoff_after_ns);
+        if let Some(h) = r.handoff {
+            self.map
+                .u64_at(OFF_HANDOFF)
+                .store(h.to_word(), Ordering::Release);
         }
+        if let Some(i) = r.wake {
+            let state = self.slot_u32(i, S_STATE);
+            // WOKEN already (someone barged in before it woke): wake again.
+            let _ = state.compare_exchange(WAITING, WOKEN, Ordering::AcqRel, Ordering::Relaxed);
+            crate::sys::futex_wake(state, 1);
+        }
+    }
+
+    /// Whether a handle owning slot `mine` (None: not queued) may take the
+    /// free lock now: not while it is reserved for another waiter.
+    pub fn may_take(&self, mine: Option<usize>) -> bool {
+        let w = self.map.u64_at(OFF_HANDOFF).load(Ordering::Acquire);
+        w == 0 || policy::may_take(mono_ns(), policy::Handoff::from_word(w), mine)
+    }
+
+    /// A handle owning slot `mine` took the lock: a reservation for it is
+    /// used up.
+    pub fn took(&self, mine: Option<usize>) {
+        let word = self.map.u64_at(OFF_HANDOFF);
+        let w = word.load(Ordering::Acquire);
+        if w != 0 && policy::Handoff::from_word(w).map(|h| h.slot) == mine {
+            let _ = word.compare_exchange(w, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    // ---- the gate ---------------------------------------------------------
+
+    /// Start waiting at the gate (for a shadow lock or the pending marker of
+    /// another handle to go): counted until [`Page::gate_leave`].
+    pub fn gate_enter(&self) {
+        self.map
+            .u32_at(OFF_GATE_SLEEPERS)
+            .fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The gate's generation: read before looking at the locks, slept on
+    /// after, so a release in between is not missed.
+    pub fn gate_generation(&self) -> u32 {
+        self.map.u32_at(OFF_GATE).load(Ordering::SeqCst)
+    }
+
+    /// Sleep until the gate opens after generation `gen`, or `timeout`.
+    pub fn gate_sleep(&self, gen: u32, timeout: Duration) {
+        crate::sys::futex_wait(self.map.u32_at(OFF_GATE), gen, timeout);
+    }
+
+    pub fn gate_leave(&self) {
+        self.map
+            .u32_at(OFF_GATE_SLEEPERS)
+            .fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// A shadow lock or the pending marker was just let go: wake whoever
+    /// waits at the gate (one load when nobody does).
+    pub fn gate_open(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.map.u32_at(OFF_GATE_SLEEPERS).load(Ordering::SeqCst) != 0 {
+            let gate = self.map.u32_at(OFF_GATE);
+            gate.fetch_add(1, Ordering::SeqCst);
+            crate::sys::futex_wake(gate, i32::MAX);
+        }
+    }
+
+    // ---- the ring of recent holds ---------------------------------------
+
+    /// Add a hold (by the current holder, before it lets go: holders write
+    /// one at a time).
+    pub fn ring_push(&self, pid: u32, flags: u32, start_ms: u64, held: Duration) {
+        let n = self.map.u64_at(OFF_RING_HEAD).load(Ordering::Acquire);
+        let at = RING_AT + (n as usize % RING) * RING_ENTRY;
+        let (seq, seq2) = (self.map.u64_at(at + R_SEQ), self.map.u64_at(at + R_SEQ2));
+        seq.store(0, Ordering::Release);
+        seq2.store(0, Ordering::Release);
+        self.map.u32_at(at + R_PID).store(pid, Ordering::Relaxed);
+        self.map
+            .u32_at(at + R_FLAGS)
+            .store(flags, Ordering::Relaxed);
+        self.map
+            .u64_at(at + R_START_MS)
+            .store(start_ms, Ordering::Relaxed);
+        self.map
+            .u64_at(at + R_HELD_US)
+            .store(held.as_micros() as u64, Ordering::Relaxed);
+        seq2.store(n + 1, Ordering::Release);
+        seq.store(n + 1, Ordering::Release);
+        self.map
+            .u64_at(OFF_RING_HEAD)
+            .store(n + 1, Ordering::Release);
     }
 
     /// Descriptor of the side file (registered as the extension's).
@@ -539,6 +702,25 @@ pub struct Snapshot {
     pub holder: Option<HolderRecord>,
     /// Live waiters, oldest first: `(pid, arrival in monotonic ns)`.
     pub waiters: Vec<(u32, u64)>,
+    /// Holds written to the ring, ever.
+    pub holds: u64,
+    /// The ring's holds, oldest first (at most [`RING`]).
+    pub recent: Vec<Hold>,
+}
+
+/// A finished hold from the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    /// Its number (1 for the first hold ever written to this page).
+    pub n: u64,
+    /// The process that held the lock.
+    pub pid: u32,
+    /// [`flags`] bits (borrowed, tool).
+    pub flags: u32,
+    /// When it took the lock, ms since the epoch.
+    pub start_ms: u64,
+    /// How long it held it.
+    pub held: Duration,
 }
 
 /// Read the holder record and the waiters of `lock_path`'s page without
@@ -579,7 +761,29 @@ pub fn peek(lock_path: &Path) -> Option<Snapshot> {
         })
         .collect();
     waiters.sort_by_key(|w| w.1);
-    Some(Snapshot { holder, waiters })
+    let holds = u64_at(OFF_RING_HEAD);
+    let mut recent: Vec<Hold> = (0..RING)
+        .filter_map(|i| {
+            let at = RING_AT + i * RING_ENTRY;
+            let n = u64_at(at + R_SEQ);
+            // 0 or two numbers: never written, or being written (missing).
+            let whole = n != 0 && u64_at(at + R_SEQ2) == n;
+            (whole && n + RING as u64 > holds).then(|| Hold {
+                n,
+                pid: u32_at(at + R_PID),
+                flags: u32_at(at + R_FLAGS),
+                start_ms: u64_at(at + R_START_MS),
+                held: Duration::from_micros(u64_at(at + R_HELD_US)),
+            })
+        })
+        .collect();
+    recent.sort_by_key(|h| h.n);
+    Some(Snapshot {
+        holder,
+        waiters,
+        holds,
+        recent,
+    })
 }
 
 #[cfg(test)]
@@ -638,24 +842,24 @@ mod tests {
         assert_ne!(first, second);
         assert!(p.is_oldest(first) && !p.is_oldest(second));
         assert_eq!(peek(&lp).unwrap().waiters.len(), 2);
-        p.wake_next();
+        p.wake_next(u64::MAX);
         assert!(p.take_wake(first) && !p.take_wake(second));
         p.free_slot(first);
         assert!(p.is_oldest(second));
-        p.wake_next();
+        p.wake_next(u64::MAX);
         assert!(p.take_wake(second));
         p.free_slot(second);
         assert!(!p.has_waiters());
         // Woken but not served yet: woken again, the younger one waits.
         let (o, y) = (p.claim_slot(far).unwrap(), p.claim_slot(far).unwrap());
-        p.wake_next();
-        p.wake_next();
+        p.wake_next(u64::MAX);
+        p.wake_next(u64::MAX);
         assert!(p.take_wake(o) && !p.take_wake(y));
         p.free_slot(o);
         p.free_slot(y);
         // An expired slot is not woken.
         let s = p.claim_slot(mono_ns()).unwrap();
-        p.wake_next();
+        p.wake_next(u64::MAX);
         assert!(!p.take_wake(s));
         p.free_slot(s);
     }
@@ -669,7 +873,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         let waker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            p2.wake_next();
+            p2.wake_next(u64::MAX);
         });
         while !p.take_wake(s) {
             p.sleep_in_slot(s, Duration::from_secs(5));

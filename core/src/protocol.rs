@@ -123,6 +123,9 @@ pub trait WriterFlock {
     fn try_acquire(&mut self) -> Result<bool, LockError>;
     /// Release it (no-op if not held).
     fn release(&mut self);
+    /// The options that shape how it is taken and released (the hand-off
+    /// threshold); given before every release.
+    fn configure(&mut self, _options: &crate::options::Options) {}
     /// Whether some *other* holder has it right now.
     fn held_elsewhere(&mut self) -> Result<bool, LockError>;
     /// Set the shadow lock without blocking: `Ok(false)` when it conflicts.
@@ -147,6 +150,9 @@ impl WriterFlock for crate::lockfile::LockFile {
     }
     fn release(&mut self) {
         self.unlock()
+    }
+    fn configure(&mut self, options: &crate::options::Options) {
+        self.set_handoff_after(options.handoff);
     }
     fn held_elsewhere(&mut self) -> Result<bool, LockError> {
         crate::lockfile::LockFile::held_elsewhere(self)
@@ -332,6 +338,11 @@ impl<F: WriterFlock, C: Clock> Protocol<F, C> {
         &self.flock
     }
 
+    /// The lock file, to note the handle's place in the queue.
+    pub fn flock_mut(&mut self) -> &mut F {
+        &mut self.flock
+    }
+
     /// What happened since the last call, clearing it.
     pub fn take_events(&mut self) -> Events {
         std::mem::take(&mut self.events)
@@ -426,6 +437,7 @@ impl<F: WriterFlock, C: Clock> Protocol<F, C> {
     }
 
     fn release(&mut self) {
+        self.flock.configure(&self.options);
         self.flock.release();
         self.held = false;
         if let Some(t0) = self.held_since.take() {

@@ -1,4 +1,5 @@
 //! Waiting: where a refused connection waits for the lock, and how long.
+//! Who gets it next is [`policy`]'s decision.
 //!
 //! SQLite's busy handler sleeps through the connection's VFS *after* the
 //! connection released its locks; that sleep is the one safe place to wait
@@ -8,7 +9,8 @@
 //!
 //! * it takes a waiter slot on the shared page (`<db>.lock-shm`) and sleeps on
 //!   the slot's futex word; whoever of the extension releases the lock wakes
-//!   the oldest live waiter, and only it ([`crate::page::Page::wake_next`]);
+//!   the oldest sleeping waiter, and only it, and once that waiter has waited
+//!   `writelock_handoff_ms` reserves the lock for it ([`policy`]);
 //! * the oldest waiter also polls (every [`POLL_OLDEST`]) for holders that
 //!   wake nobody: `flock(1)`, an application's own `flock`, a killed process;
 //!   younger waiters look every [`POLL_OTHERS`] in case a wake-up was lost;
@@ -19,6 +21,12 @@
 //! No helper thread, nothing blocked in `flock()`: a connection that closes
 //! while it waits leaves nothing behind but its slot, which it frees.
 //!
+//! Readers held off by a committing writer (rollback modes), and a writer
+//! waiting for readers to finish, wait at the page's *gate*: a futex word
+//! that whoever lets go of a shadow lock or the pending marker bumps when
+//! someone sleeps on it. They look at least every [`GATE_POLL`] too: a killed
+//! process's locks go without a wake-up.
+//!
 //! How long: SQLite counts the *requested* sleeps against `busy_timeout`. A
 //! run of sleeps for one refusal may wait until the run's start plus
 //! everything requested so far plus `writelock_queue_ahead_ms` (see [`Run`]),
@@ -27,6 +35,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
+
+pub mod policy;
 
 use crate::lockfile::LockFile;
 use crate::page::{mono_ns, Page};
@@ -39,6 +49,9 @@ pub type HoldReport = fn(&str, HeldLong);
 pub const POLL_OLDEST: Duration = Duration::from_millis(1);
 /// Younger waiters look this often in case a wake-up went to nobody.
 pub const POLL_OTHERS: Duration = Duration::from_millis(20);
+/// Waiters at the gate look this often for releases that wake nobody (a
+/// killed process's shadow locks, an older version of the extension).
+pub const GATE_POLL: Duration = Duration::from_millis(2);
 /// A slot stays live this long after its owner's sleep ended (the retry
 /// between two sleeps of one run takes microseconds; a run that ended
 /// leaves a slot that others skip after this).
@@ -218,6 +231,19 @@ impl State {
         if let (Some(s), Some(page)) = (self.w.slot.take(), self.page()) {
             page.free_slot(s);
         }
+        self.p.flock_mut().set_queue_slot(None);
+    }
+
+    /// Take a waiter slot, or keep the one owned, until `expires`.
+    fn queue(&mut self, page: &Page, expires: u64) -> Option<usize> {
+        match self.w.slot {
+            Some(s) => page.refresh_slot(s, expires),
+            None => {
+                self.w.slot = page.claim_slot(expires);
+                self.p.flock_mut().set_queue_slot(self.w.slot);
+            }
+        }
+        self.w.slot
     }
 
     /// After every step: a holder owns no slot; keep the mirror in sync.
@@ -313,23 +339,18 @@ pub fn for_flock(h: &Arc<Handle>, deadline: Instant) -> Option<bool> {
     }
     let page = st.page();
     let expires = mono_of(deadline + SLOT_GRACE);
-    let slot = match (&page, st.w.slot) {
-        (Some(p), Some(s)) => {
-            p.refresh_slot(s, expires);
-            Some(s)
-        }
-        (Some(p), None) => {
-            st.w.slot = p.claim_slot(expires);
-            st.w.slot
-        }
-        _ => None,
-    };
+    let slot = page.as_ref().and_then(|p| st.queue(p, expires));
     st.p.counters.queued += 1;
     drop(st);
     loop {
         let now = Instant::now();
         if now >= deadline {
-            return Some(false); // the slot stays for the next sleep of the run
+            // The slot keeps its place for the next sleep of the run, but is
+            // not woken or handed the lock meanwhile.
+            if let (Some(p), Some(s)) = (&page, slot) {
+                p.away(s);
+            }
+            return Some(false);
         }
         let (woken, oldest) = match (&page, slot) {
             (Some(p), Some(s)) => {
@@ -356,6 +377,9 @@ pub fn for_flock(h: &Arc<Handle>, deadline: Instant) -> Option<bool> {
             return Some(true);
         }
         if !st.p.may_wait() {
+            if let (Some(p), Some(s)) = (&page, slot) {
+                p.away(s);
+            }
             return None;
         }
         if grant(h, &mut st)? {
@@ -395,26 +419,54 @@ pub fn poll_until(deadline: Instant, every: Duration, mut done: impl FnMut() -> 
     }
 }
 
-/// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
-/// SQLite's whole backoff step, check every 200 us whether they are gone
-/// (only the one flock holder can be here, and new readers are held off by
-/// its pending marker), up to `deadline`. It holds RESERVED and the flock
-/// meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
-pub fn for_readers(h: &Handle, deadline: Instant) -> bool {
-    poll_until(deadline, Duration::from_micros(200), || {
-        h.lock().p.try_shadow_write()
-    })
+/// Wait at the page's gate until `done` holds (`true`) or `deadline` passes
+/// (`false`): woken by every release of a shadow lock or pending marker while
+/// someone waits, and looking every [`GATE_POLL`] regardless. Without a page,
+/// polling only.
+///
+/// No release is missed: the waiter is counted at the gate before it reads
+/// the generation and looks at the locks, and a releaser lets go of its lock
+/// before it reads that count; so either the look sees the lock gone, or the
+/// releaser sees the waiter and bumps the generation the waiter then sleeps
+/// on (and the futex returns at once).
+fn at_gate(page: Option<Arc<Page>>, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    let Some(p) = page else {
+        return poll_until(deadline, Duration::from_micros(200), done);
+    };
+    p.gate_enter();
+    let r = loop {
+        let gen = p.gate_generation();
+        if done() {
+            break true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break false;
+        }
+        p.gate_sleep(gen, (deadline - now).min(GATE_POLL));
+    };
+    p.gate_leave();
+    r
 }
 
-/// A reader held off by a writer that waits for or holds EXCLUSIVE: check
-/// every 100 us whether it is done, up to `deadline`, instead of SQLite's
-/// growing backoff, whose 10–100 ms steps miss the short gaps between queued
-/// writers' commits and starve readers. The handle holds no lock meanwhile
-/// (its SHARED was refused). Whether the writer is done.
+/// A RESERVED writer whose EXCLUSIVE waits for readers: instead of sleeping
+/// SQLite's whole backoff step, take the shadow write lock as soon as they
+/// are gone (only the one flock holder can be here, and new readers are held
+/// off by its pending marker), up to `deadline`. It holds RESERVED and the
+/// flock meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
+pub fn for_readers(h: &Handle, deadline: Instant) -> bool {
+    let page = h.lock().page();
+    at_gate(page, deadline, || h.lock().p.try_shadow_write())
+}
+
+/// A reader held off by a writer that waits for or holds EXCLUSIVE: wait
+/// until it is done, up to `deadline`, instead of SQLite's growing backoff,
+/// whose 10–100 ms steps miss the short gaps between queued writers' commits
+/// and starve readers. The handle holds no lock meanwhile (its SHARED was
+/// refused). Whether the writer is done.
 pub fn for_writer(h: &Handle, deadline: Instant) -> bool {
-    poll_until(deadline, Duration::from_micros(100), || {
-        !h.lock().p.read_blocked()
-    })
+    let page = h.lock().page();
+    at_gate(page, deadline, || !h.lock().p.read_blocked())
 }
 
 #[cfg(test)]

@@ -8,15 +8,16 @@
 //! extension does as well as stock SQLite, and that it was active.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use writelock_tests::procs::{python, KillOnDrop, Proc};
 use writelock_tests::{
     apsw_python, cli_path, create_table, lock_path, open, outside_flock_free, so_path,
     system_python, tempdir, wait_until, FlockHolder, Mode, Shell,
@@ -39,142 +40,6 @@ fn in_parallel<T: Send + 'static>(jobs: Vec<impl FnOnce() -> T + Send + 'static>
         .into_iter()
         .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
         .collect()
-}
-
-/// A child process driven through stdin/stdout lines; stderr is collected.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: Option<BufReader<ChildStdout>>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Proc {
-    fn start(mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        Proc {
-            stdin: child.stdin.take(),
-            stdout: Some(BufReader::new(child.stdout.take().unwrap())),
-            child,
-            stderr: Some(stderr),
-        }
-    }
-
-    /// The next line of stdout; panics with stderr if the process ended.
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        let n = self.stdout.as_mut().unwrap().read_line(&mut l).unwrap();
-        if n == 0 {
-            let _ = self.child.wait();
-            let err = self.stderr.take().map(|h| h.join().unwrap());
-            panic!(
-                "the process ended early; stderr:\n{}",
-                err.unwrap_or_default()
-            );
-        }
-        l.trim_end().to_string()
-    }
-
-    fn send(&mut self, line: &str) {
-        let s = self.stdin.as_mut().unwrap();
-        writeln!(s, "{line}").unwrap();
-        s.flush().unwrap();
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Close stdin and wait at most `limit` for the process to exit (a hang
-    /// is killed and reported): (exit code, rest of stdout, stderr).
-    fn finish_within(mut self, limit: Duration) -> (Option<i32>, String, String) {
-        drop(self.stdin.take());
-        let mut stdout = self.stdout.take().unwrap();
-        let out = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = stdout.read_to_string(&mut s);
-            s
-        });
-        let t0 = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if t0.elapsed() > limit {
-                self.kill();
-                let err = self.stderr.take().map(|h| h.join().unwrap());
-                panic!(
-                    "did not finish within {limit:?}; stdout:\n{}\nstderr:\n{}",
-                    out.join().unwrap(),
-                    err.unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let err = self.stderr.take().map(|h| h.join().unwrap());
-        (status.code(), out.join().unwrap(), err.unwrap_or_default())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// SIGKILLs a process that is not our child (a fork()ed grandchild) on drop.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Prepended to every Python script. Stock runs (`vfs` "unix") never load
-/// the extension.
-const PRELUDE: &str = r#"
-import json, os, sys, sqlite3
-
-def load_extension(so, vfs):
-    if vfs == "writelock":
-        boot = sqlite3.connect(":memory:")
-        boot.enable_load_extension(True)
-        boot.load_extension(so)
-
-def connect(db, vfs, timeout, **kw):
-    kw.setdefault("isolation_level", None)
-    return sqlite3.connect(f"file:{db}?vfs={vfs}", uri=True, timeout=timeout, **kw)
-
-def status(con, field):
-    q = "SELECT json_extract(writelock_status(), '$.databases[0].' || ?)"
-    return con.execute(q, (field,)).fetchone()[0]
-"#;
-
-fn python(py: &Path, script: &str, args: &[&OsStr]) -> Proc {
-    let mut cmd = Command::new(py);
-    cmd.arg("-c").arg(format!("{PRELUDE}\n{script}")).args(args);
-    Proc::start(cmd)
 }
 
 /// A `sqlite3` shell writing in a loop on a thread of its own until stopped.
@@ -1305,6 +1170,68 @@ fn database_is_locked_arrives_soon_after_busy_timeout() {
         })
         .collect();
     in_parallel(jobs);
+}
+
+const TRY_WRITE_TIMED: &str = r#"
+import time
+db, so, vfs, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+load_extension(so, vfs)
+con = connect(db, vfs, timeout)
+t = time.monotonic()
+try:
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.execute("COMMIT")
+    print("ok", time.monotonic() - t, flush=True)
+except sqlite3.OperationalError as e:
+    print("locked", time.monotonic() - t, flush=True)
+"#;
+
+/// Beside a process *without* the extension that holds SQLite's own write
+/// lock, writers of the extension contend for `<db>.lock` among themselves
+/// (each takes it, then finds SQLite's lock held): a sleep that got the
+/// flock early must still count its full length, or `database is locked`
+/// comes before busy_timeout. Stock writers take no flock, so none of
+/// their sleeps ends early.
+#[test]
+fn database_is_locked_never_comes_before_busy_timeout_beside_a_stock_holder() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    for journal in JOURNAL_MODES {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, journal);
+        let mut holder = Shell::start(&db, Mode::Stock);
+        holder.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (0);");
+        for _round in 0..2 {
+            let writers: Vec<Proc> = (0..8)
+                .map(|_| {
+                    let args = [
+                        db.as_os_str(),
+                        so.as_os_str(),
+                        OsStr::new("writelock"),
+                        OsStr::new("1"),
+                    ];
+                    python(&py, TRY_WRITE_TIMED, &args)
+                })
+                .collect();
+            for w in writers {
+                let (_, out, err) = w.finish_within(Duration::from_secs(30));
+                let (what, secs) = out
+                    .trim()
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("{out}{err}"));
+                let secs: f64 = secs.parse().unwrap();
+                assert_eq!(what, "locked", "{journal}: {out}");
+                assert!(
+                    secs >= 1.0,
+                    "{journal}: database is locked after {secs:.3} s, before busy_timeout 1 s"
+                );
+            }
+        }
+        holder.run("ROLLBACK;");
+        holder.finish();
+    }
 }
 
 /// A refusal with busy_timeout 0 does not read `/proc/locks` (the shell

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use nix::errno::Errno;
 use nix::libc;
 
-use crate::page::{flags, HolderRecord, Page};
+use crate::page::{flags, Gate, HolderRecord, Liveness, Page};
 use crate::process;
 
 /// Why `<db>.lock` cannot serve as the writer lock. Every variant names the path.
@@ -306,7 +306,7 @@ fn claim_borrowed(
         seen = p.holder();
         if let Some(h) = seen {
             let letting_go = h.flags & flags::RELEASING != 0;
-            if !letting_go && (h.pid == me || process::alive(h.pid)) {
+            if !letting_go && p.liveness(&h) != Liveness::Dead {
                 return None;
             }
         }
@@ -554,7 +554,10 @@ impl LockFile {
         h.flags & flags::RELEASING == 0
             && h.file != (0, 0)
             && h.file != self.key
-            && (h.pid == process::pid() || process::alive(h.pid))
+            && self
+                .page
+                .as_ref()
+                .is_some_and(|p| p.liveness(&h) != Liveness::Dead)
     }
 
     /// Whether the file open here is no longer linked anywhere: `<db>.lock`
@@ -696,11 +699,12 @@ impl LockFile {
             // A tool's lock may be this process's to borrow; a record of a
             // holder letting go says nothing about who holds it now.
             if h.flags & (flags::TOOL | flags::RELEASING) == 0 {
-                if h.pid == me && h.token == token() {
-                    return Ok(false); // another handle of this copy holds it
-                }
-                if h.pid != me && process::alive(h.pid) {
-                    return Ok(false); // the extension in another process
+                let page = self.page.as_ref().expect("a record comes from the page");
+                match page.liveness(&h) {
+                    // Another handle of this copy, or the extension in
+                    // another process (or another copy here): not ours.
+                    Liveness::Mine | Liveness::Alive => return Ok(false),
+                    Liveness::Dead => {}
                 }
             }
         }
@@ -800,10 +804,11 @@ impl LockFile {
         };
         let ok = self.ofd_lock(SHADOW_BYTE, l_type)?;
         if ok {
-            let lowered = to < self.shadow;
-            self.shadow = to;
-            if lowered {
-                self.open_gate();
+            let from = std::mem::replace(&mut self.shadow, to);
+            if from == Shadow::Write && to < from {
+                self.open_gate(Gate::Readers);
+            } else if from == Shadow::Read && to == Shadow::Unlocked {
+                self.open_gate(Gate::Writer);
             }
         }
         Ok(ok)
@@ -816,7 +821,7 @@ impl LockFile {
             let dropped = self.pending && !on;
             self.pending = on;
             if dropped {
-                self.open_gate();
+                self.open_gate(Gate::Readers);
             }
         }
         Ok(ok)
@@ -824,9 +829,9 @@ impl LockFile {
 
     /// A shadow lock or the pending marker was let go: wake whoever waits
     /// at the page's gate for that.
-    fn open_gate(&self) {
+    fn open_gate(&self, g: Gate) {
         if let Some(p) = &self.page {
-            p.gate_open();
+            p.gate_open(g);
         }
     }
 

@@ -18,7 +18,7 @@
 //!   only when someone waits: one wake-up per release. Whether it also
 //!   reserves the lock for that waiter (a *hand-off*) is
 //!   [`crate::wait::policy`]'s decision; the page keeps the word.
-//! * **the gate** — a futex word bumped when a handle lets go of a shadow
+//! * **the gates** — futex words bumped when a handle lets go of a shadow
 //!   lock or the pending marker while someone waits for that: readers held
 //!   off by a committing writer, a writer waiting for readers.
 //! * **the ring** — the last [`RING`] holds by the extension's handles (pid,
@@ -76,14 +76,31 @@ const OFF_HOLDER_DEV: usize = 40;
 const OFF_HOLDER_INO: usize = 48;
 /// One more than the highest slot ever claimed: scans stop there.
 const OFF_SLOTS_HI: usize = 24;
-/// The gate: a generation bumped on releases that someone waits for, and
-/// how many sleep on it.
+/// The gates: a generation bumped on releases that someone waits for, and
+/// how many sleep on it — readers waiting for a writer, and the writer
+/// waiting for readers.
 const OFF_GATE: usize = 56;
-const OFF_GATE_SLEEPERS: usize = 60;
+const OFF_WGATE: usize = 80;
 /// The hand-off word ([`crate::wait::policy::Handoff::to_word`]), 0: none.
 const OFF_HANDOFF: usize = 64;
 /// Holds written to the ring, ever.
 const OFF_RING_HEAD: usize = 72;
+/// The holder's process slot: `(slot + 1) << 32 | generation`, 0: none
+/// (written with the holder word; see [`Liveness`]).
+const OFF_HOLDER_PROC: usize = 88;
+
+/// Process slots: one per process (and copy of the extension) that has the
+/// page open, so a holder record can be checked against the kernel instead
+/// of a pid, which another pid namespace does not see and which is reused.
+/// Each is `generation << 32 | pid` (8 bytes); its owner holds an OFD write
+/// lock on byte `PROC_LOCKS + i` of the side file for as long as it has the
+/// page open, which the kernel drops when the process dies.
+const PROCS_AT: usize = SLOTS_AT + SLOTS * SLOT_LEN;
+const PROC_LEN: usize = 8;
+/// How many processes can have a slot at once (more are checked by pid).
+pub const PROCS: usize = 512;
+const PROC_LOCKS: i64 = 1 << 21;
+const _: () = assert!(PROCS_AT + PROCS * PROC_LEN <= PAGE_LEN);
 
 /// The ring of recent holds: [`RING`] entries of [`RING_ENTRY`] bytes.
 const RING_AT: usize = 256;
@@ -157,6 +174,19 @@ pub struct HolderRecord {
     /// deleted or replaced, holders of the old and the new file see each
     /// other here.
     pub file: (u64, u64),
+    /// The holder's process slot and its generation, if it had one.
+    pub proc: Option<(usize, u32)>,
+}
+
+/// Whether the process a holder record names is alive (see [`Page::liveness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// This process, through this copy of the extension.
+    Mine,
+    /// Another live process (or another copy of the extension here).
+    Alive,
+    /// Gone: its record is stale.
+    Dead,
 }
 
 impl HolderRecord {
@@ -167,7 +197,7 @@ impl HolderRecord {
             | (flags & 0xFF) as u64
     }
 
-    fn from_word(w: u64, since_ms: u64, file: (u64, u64)) -> Option<HolderRecord> {
+    fn from_word(w: u64, since_ms: u64, file: (u64, u64), proc: u64) -> Option<HolderRecord> {
         (w != 0).then_some(HolderRecord {
             pid: (w >> 32) as u32,
             token: (w >> 16) as u32 & 0xFFFF,
@@ -175,6 +205,7 @@ impl HolderRecord {
             flags: w as u32 & 0xFF,
             since_ms,
             file,
+            proc: (proc >> 32 != 0).then(|| ((proc >> 32) as usize - 1, proc as u32)),
         })
     }
 
@@ -206,6 +237,8 @@ pub struct Page {
     map: crate::sys::Mapping,
     file: File,
     key: (u64, u64),
+    /// This process's slot and its generation (None: all were taken).
+    me: Option<(usize, u32)>,
     /// When this process last logged who holds the lock (ms since the epoch):
     /// once a second per database and process, however many connections.
     last_busy_log: AtomicU64,
@@ -242,12 +275,15 @@ impl Page {
             }
         }
         crate::process::register_fd(file.as_raw_fd());
-        Ok(Page {
+        let mut page = Page {
             map,
             key: (meta.dev(), meta.ino()),
             file,
+            me: None,
             last_busy_log: AtomicU64::new(0),
-        })
+        };
+        page.me = page.claim_proc();
+        Ok(page)
     }
 
     /// The page of the lock file `lock_path`, shared with the process's
@@ -295,9 +331,10 @@ impl Page {
                 self.map.u64_at(OFF_HOLDER_DEV).load(Ordering::Acquire),
                 self.map.u64_at(OFF_HOLDER_INO).load(Ordering::Acquire),
             );
+            let proc = self.map.u64_at(OFF_HOLDER_PROC).load(Ordering::Acquire);
             // The fields belong to the word if it did not change meanwhile.
             if word.load(Ordering::Acquire) == w {
-                return HolderRecord::from_word(w, since, file);
+                return HolderRecord::from_word(w, since, file, proc);
             }
         }
     }
@@ -313,7 +350,84 @@ impl Page {
             .fetch_add(1, Ordering::Relaxed) as u32
     }
 
+    /// Take a process slot: the first whose lock byte nobody holds (the
+    /// kernel arbitrates), with a new generation.
+    fn claim_proc(&self) -> Option<(usize, u32)> {
+        (0..PROCS).find_map(|i| {
+            if !self.ofd(PROC_LOCKS + i as i64, libc::F_WRLCK) {
+                return None;
+            }
+            let word = self.map.u64_at(PROCS_AT + i * PROC_LEN);
+            let gen = ((word.load(Ordering::Acquire) >> 32) as u32)
+                .wrapping_add(1)
+                .max(1);
+            word.store(
+                (gen as u64) << 32 | crate::process::pid() as u64,
+                Ordering::Release,
+            );
+            Some((i, gen))
+        })
+    }
+
+    /// Set (or with `F_UNLCK` drop) this description's OFD lock on `byte`;
+    /// whether it was set.
+    fn ofd(&self, byte: i64, l_type: libc::c_int) -> bool {
+        let fl = libc::flock {
+            l_type: l_type as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: byte,
+            l_len: 1,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_ok()
+    }
+
+    /// Whether another open description holds an OFD lock on `byte` (an
+    /// error counts as yes).
+    fn ofd_held_elsewhere(&self, byte: i64) -> bool {
+        let mut fl = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: byte,
+            l_len: 1,
+            l_pid: 0,
+        };
+        let r = nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl));
+        r.is_err() || fl.l_type != libc::F_UNLCK as libc::c_short
+    }
+
+    /// Whether the process the record names is alive, asked of the kernel
+    /// through its process slot: right across pid namespaces (containers
+    /// sharing the directory) and when pids are reused. A record without a
+    /// slot (every slot was taken, or an older version wrote it) falls back
+    /// to the pid, as seen from this process's namespace.
+    pub fn liveness(&self, r: &HolderRecord) -> Liveness {
+        match r.proc {
+            Some(p) if Some(p) == self.me => Liveness::Mine,
+            Some((i, gen)) if i < PROCS => {
+                let word = self
+                    .map
+                    .u64_at(PROCS_AT + i * PROC_LEN)
+                    .load(Ordering::Acquire);
+                if (word >> 32) as u32 == gen && self.ofd_held_elsewhere(PROC_LOCKS + i as i64) {
+                    Liveness::Alive
+                } else {
+                    Liveness::Dead
+                }
+            }
+            _ if r.pid == crate::process::pid() => Liveness::Mine,
+            _ if crate::process::alive(r.pid) => Liveness::Alive,
+            _ => Liveness::Dead,
+        }
+    }
+
     fn describe(&self, file: (u64, u64)) {
+        let proc = self
+            .me
+            .map_or(0, |(i, gen)| (i as u64 + 1) << 32 | gen as u64);
+        self.map
+            .u64_at(OFF_HOLDER_PROC)
+            .store(proc, Ordering::Release);
         self.map
             .u64_at(OFF_HOLDER_DEV)
             .store(file.0, Ordering::Release);
@@ -403,29 +517,15 @@ impl Page {
     }
 
     fn lock_slot_byte(&self, i: usize, on: bool) -> bool {
-        let fl = libc::flock {
-            l_type: if on { libc::F_WRLCK } else { libc::F_UNLCK } as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: SLOT_LOCKS + i as i64,
-            l_len: 1,
-            l_pid: 0,
-        };
-        nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_ok()
+        let l_type = if on { libc::F_WRLCK } else { libc::F_UNLCK };
+        self.ofd(SLOT_LOCKS + i as i64, l_type)
     }
 
     /// Whether some live process holds slot `i`'s liveness byte. Our own
     /// process's bytes are not seen (one description per process), so the
     /// caller also compares the slot's pid with ours.
     fn slot_owner_alive(&self, i: usize) -> bool {
-        let mut fl = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: SLOT_LOCKS + i as i64,
-            l_len: 1,
-            l_pid: 0,
-        };
-        let r = nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl));
-        r.is_err() || fl.l_type != libc::F_UNLCK as libc::c_short
+        self.ofd_held_elsewhere(SLOT_LOCKS + i as i64)
     }
 
     /// Take a free slot for a waiter of this process that waits until
@@ -613,41 +713,53 @@ impl Page {
         }
     }
 
-    // ---- the gate ---------------------------------------------------------
+    // ---- the gates ----------------------------------------------------------
 
-    /// Start waiting at the gate (for a shadow lock or the pending marker of
-    /// another handle to go): counted until [`Page::gate_leave`].
-    pub fn gate_enter(&self) {
-        self.map
-            .u32_at(OFF_GATE_SLEEPERS)
-            .fetch_add(1, Ordering::SeqCst);
+    fn gate_words(&self, g: Gate) -> (&AtomicU32, &AtomicU32) {
+        let at = match g {
+            Gate::Readers => OFF_GATE,
+            Gate::Writer => OFF_WGATE,
+        };
+        (self.map.u32_at(at), self.map.u32_at(at + 4))
+    }
+
+    /// Start waiting at gate `g`: counted until [`Page::gate_leave`].
+    pub fn gate_enter(&self, g: Gate) {
+        self.gate_words(g).1.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The gate's generation: read before looking at the locks, slept on
     /// after, so a release in between is not missed.
-    pub fn gate_generation(&self) -> u32 {
-        self.map.u32_at(OFF_GATE).load(Ordering::SeqCst)
+    pub fn gate_generation(&self, g: Gate) -> u32 {
+        self.gate_words(g).0.load(Ordering::SeqCst)
     }
 
-    /// Sleep until the gate opens after generation `gen`, or `timeout`.
-    pub fn gate_sleep(&self, gen: u32, timeout: Duration) {
-        crate::sys::futex_wait(self.map.u32_at(OFF_GATE), gen, timeout);
+    /// Sleep until gate `g` opens after generation `gen`, or `timeout`.
+    pub fn gate_sleep(&self, g: Gate, gen: u32, timeout: Duration) {
+        crate::sys::futex_wait(self.gate_words(g).0, gen, timeout);
     }
 
-    pub fn gate_leave(&self) {
-        self.map
-            .u32_at(OFF_GATE_SLEEPERS)
-            .fetch_sub(1, Ordering::SeqCst);
+    pub fn gate_leave(&self, g: Gate) {
+        self.gate_words(g).1.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// A shadow lock or the pending marker was just let go: wake whoever
-    /// waits at the gate (one load when nobody does).
-    pub fn gate_open(&self) {
+    /// A lock that gate `g`'s waiters wait for was just let go: open it
+    /// (one load when nobody waits). The readers' gate lets *one* reader
+    /// through at once, the others at their next look: readers let in all
+    /// together after a commit would begin their transactions at the same
+    /// moment, and every one of them but the first that then wants to write
+    /// gets `SQLITE_BUSY` without a busy handler (a deferred transaction's
+    /// upgrade), where stock SQLite's backoff spreads them out.
+    pub fn gate_open(&self, g: Gate) {
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.map.u32_at(OFF_GATE_SLEEPERS).load(Ordering::SeqCst) != 0 {
-            let gate = self.map.u32_at(OFF_GATE);
-            gate.fetch_add(1, Ordering::SeqCst);
-            crate::sys::futex_wake(gate, i32::MAX);
+        let (gen, sleepers) = self.gate_words(g);
+        if sleepers.load(Ordering::SeqCst) != 0 {
+            gen.fetch_add(1, Ordering::SeqCst);
+            let n = match g {
+                Gate::Readers => 1,
+                Gate::Writer => i32::MAX,
+            };
+            crate::sys::futex_wake(gen, n);
         }
     }
 
@@ -694,6 +806,15 @@ type Registry = Mutex<Vec<(PathBuf, Weak<Page>)>>;
 
 /// This process's pages, one per side file (rebuilt in a forked child).
 static REGISTRY: crate::process::PerProcess<Registry> = crate::process::PerProcess::new();
+
+/// Who waits at a gate of the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Readers held off by a writer's pending marker or shadow write lock.
+    Readers,
+    /// The writer waiting for readers' shadow read locks to go.
+    Writer,
+}
 
 /// What a tool reads from a page (see [`peek`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -749,6 +870,7 @@ pub fn peek(lock_path: &Path) -> Option<Snapshot> {
         u64_at(OFF_HOLDER),
         u64_at(OFF_HOLDER_SINCE_MS),
         (u64_at(OFF_HOLDER_DEV), u64_at(OFF_HOLDER_INO)),
+        u64_at(OFF_HOLDER_PROC),
     );
     let now = mono_ns();
     let mut waiters: Vec<(u32, u64)> = (0..SLOTS)

@@ -717,6 +717,11 @@ impl<F: WriterFlock, C: Clock> Protocol<F, C> {
         self.held && self.why & !why::INTENT != 0
     }
 
+    /// When the unused write intent held now was taken.
+    pub fn intent_since(&self) -> Option<Instant> {
+        self.intent_since
+    }
+
     /// Whether the flock is held as an unused write intent only.
     pub fn has_pure_intent(&self) -> bool {
         self.why == why::INTENT

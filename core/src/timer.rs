@@ -68,6 +68,8 @@ pub fn at(due: Instant, job: impl FnOnce() + Send + 'static) {
         seq,
         job: Box::new(job),
     });
+    // The thread sleeps until the earliest job: a later one needs no wake-up.
+    let earliest = s.jobs.peek().is_some_and(|e| e.seq == seq);
     if !s.running {
         let started = std::thread::Builder::new()
             .name("writelock-timer".into())
@@ -77,7 +79,9 @@ pub fn at(due: Instant, job: impl FnOnce() + Send + 'static) {
         s.running = started.is_ok();
     }
     drop(s);
-    t.more.notify_one();
+    if earliest {
+        t.more.notify_one();
+    }
 }
 
 fn run(t: &'static Timer) {

@@ -126,7 +126,7 @@ pub(crate) fn step<R>(
     }
     let events = st.p.take_events();
     if events.intent {
-        wait::arm_intent_expiry(m);
+        wait::arm_intent_expiry(m, &mut st);
     }
     if events.acquired {
         wait::arm_hold_watch(m, &mut st, report_hold);
@@ -222,25 +222,36 @@ pub(crate) fn sleep_for_lock(us: c_int) -> Option<c_int> {
     if h.inherited_from().is_some() {
         return None;
     }
-    let start = Instant::now();
     let asked = Duration::from_micros(us.max(0) as u64);
-    let deadline = {
+    if wait::last_of_default_schedule(asked) {
+        // No retry makes up for a sleep that ends early now: if SQLite's own
+        // lock refuses the retry, busy_timeout would end early. Sleep it out.
+        return None;
+    }
+    let start = Instant::now();
+    let (deadline, owed) = {
         let mut st: std::sync::MutexGuard<'_, State> = h.lock();
         if !st.p.options.queue {
             return None;
         }
         let ahead = st.p.options.queue_ahead;
-        Run::deadline(&mut st.w.run, start, asked, ahead) + wait::take_debt()
+        let owed = wait::take_debt();
+        (
+            Run::deadline(&mut st.w.run, start, asked, ahead) + owed,
+            owed,
+        )
     };
     let granted = match want {
         Want::Flock => wait::for_flock(&h, deadline),
         Want::Readers => Some(wait::for_readers(&h, deadline)),
-        Want::Writer => Some(wait::for_writer(&h, deadline)),
+        Want::Writer => Some(wait::for_writer(&h, asked, deadline)),
     };
     let slept = start.elapsed();
     Run::ended(&mut h.lock().w.run, granted == Some(true), Instant::now());
-    if granted == Some(true) && want == Want::Flock {
-        wait::owe(asked.saturating_sub(slept));
+    if granted == Some(true) {
+        // Ended early: if SQLite's retry fails after all (its own lock held
+        // by a process without the extension), the rest is still owed.
+        wait::owe((asked + owed).saturating_sub(slept));
     }
     granted?;
     Some(slept.as_micros().min(c_int::MAX as u128) as c_int)

@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 
 use rusqlite::{Connection, OpenFlags};
 
+pub mod procs;
+
 /// The built extension (`WRITELOCK_SO` overrides the default path).
 pub fn so_path() -> PathBuf {
     if let Some(p) = std::env::var_os("WRITELOCK_SO") {

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 pub mod policy;
 
 use crate::lockfile::LockFile;
-use crate::page::{mono_ns, Page};
+use crate::page::{mono_ns, Gate, Page};
 use crate::protocol::{HeldLong, Protocol, INTENT_TTL};
 
 /// Where a long hold is reported: the database's label, and the hold.
@@ -152,6 +152,17 @@ pub fn take_debt() -> Duration {
     })
 }
 
+/// Whether a sleep of `asked` is the last one of SQLite's default busy
+/// handler (`sqlite3_busy_timeout`): it sleeps 1, 2, 5, 10, 15, 20, 25, 25,
+/// 25, 50, 50 ms, then 100 ms at a time, and cuts the last sleep short so
+/// the total is exactly busy_timeout. A length off that list is such a last
+/// sleep; no later sleep could repay time it did not sleep.
+pub fn last_of_default_schedule(asked: Duration) -> bool {
+    const STEPS_MS: [u64; 9] = [1, 2, 5, 10, 15, 20, 25, 50, 100];
+    let us = asked.as_micros() as u64;
+    !(us.is_multiple_of(1000) && STEPS_MS.contains(&(us / 1000)))
+}
+
 /// The write went through: nothing is owed any more.
 pub fn forgive() {
     DEBT.with(|d| d.set((Duration::ZERO, None)));
@@ -166,6 +177,8 @@ pub struct WaitState {
     pub run: Option<Run>,
     /// The long-hold watch is armed on the timer.
     hold_watch: bool,
+    /// The intent expiry is armed on the timer.
+    intent_watch: bool,
 }
 
 /// Everything of one main-database handle that needs its mutex.
@@ -269,19 +282,32 @@ fn mono_of(t: Instant) -> u64 {
 
 /// Release the write intent of `h` once it is older than [`INTENT_TTL`],
 /// on the process timer: enforced even when nothing runs on the connection
-/// again.
-pub fn arm_intent_expiry(h: &Arc<Handle>) {
-    let w = Arc::downgrade(h);
-    crate::timer::at(
-        Instant::now() + INTENT_TTL + Duration::from_millis(1),
-        move || {
-            if let Some(h) = w.upgrade() {
-                let mut st = h.lock();
-                st.p.expire_intent();
-                st.settle(&h);
-            }
-        },
-    );
+/// again. One job per handle at a time: intents are usually used within
+/// microseconds, so the job re-arms itself only for an intent still young
+/// when it runs (a connection taking many intents wakes the timer about
+/// ten times a second, not once per intent).
+pub fn arm_intent_expiry(h: &Arc<Handle>, st: &mut State) {
+    let Some(since) = st.p.intent_since() else {
+        return;
+    };
+    if st.w.intent_watch {
+        return;
+    }
+    st.w.intent_watch = true;
+    schedule_intent_expiry(Arc::downgrade(h), since);
+}
+
+fn schedule_intent_expiry(w: Weak<Handle>, since: Instant) {
+    crate::timer::at(since + INTENT_TTL + Duration::from_millis(1), move || {
+        let Some(h) = w.upgrade() else { return };
+        let mut st = h.lock();
+        st.p.expire_intent();
+        st.settle(&h);
+        match st.p.intent_since() {
+            Some(next) => schedule_intent_expiry(w, next),
+            None => st.w.intent_watch = false,
+        }
+    });
 }
 
 /// Watch a hold of `h` on the process timer, so a hold that passes
@@ -396,7 +422,7 @@ fn grant(h: &Arc<Handle>, st: &mut State) -> Option<bool> {
         Ok(true) => {
             st.free_slot();
             st.p.counters.queue_granted += 1;
-            arm_intent_expiry(h);
+            arm_intent_expiry(h, st);
             Some(true)
         }
         Ok(false) => Some(false),
@@ -429,13 +455,18 @@ pub fn poll_until(deadline: Instant, every: Duration, mut done: impl FnMut() -> 
 /// before it reads that count; so either the look sees the lock gone, or the
 /// releaser sees the waiter and bumps the generation the waiter then sleeps
 /// on (and the futex returns at once).
-fn at_gate(page: Option<Arc<Page>>, deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+fn at_gate(
+    page: Option<Arc<Page>>,
+    g: Gate,
+    deadline: Instant,
+    mut done: impl FnMut() -> bool,
+) -> bool {
     let Some(p) = page else {
         return poll_until(deadline, Duration::from_micros(200), done);
     };
-    p.gate_enter();
+    p.gate_enter(g);
     let r = loop {
-        let gen = p.gate_generation();
+        let gen = p.gate_generation(g);
         if done() {
             break true;
         }
@@ -443,9 +474,9 @@ fn at_gate(page: Option<Arc<Page>>, deadline: Instant, mut done: impl FnMut() ->
         if now >= deadline {
             break false;
         }
-        p.gate_sleep(gen, (deadline - now).min(GATE_POLL));
+        p.gate_sleep(g, gen, (deadline - now).min(GATE_POLL));
     };
-    p.gate_leave();
+    p.gate_leave(g);
     r
 }
 
@@ -456,17 +487,38 @@ fn at_gate(page: Option<Arc<Page>>, deadline: Instant, mut done: impl FnMut() ->
 /// flock meanwhile, exactly as in SQLite's own sleep. Whether they are gone.
 pub fn for_readers(h: &Handle, deadline: Instant) -> bool {
     let page = h.lock().page();
-    at_gate(page, deadline, || h.lock().p.try_shadow_write())
+    at_gate(page, Gate::Writer, deadline, || {
+        h.lock().p.try_shadow_write()
+    })
 }
 
-/// A reader held off by a writer that waits for or holds EXCLUSIVE: wait
-/// until it is done, up to `deadline`, instead of SQLite's growing backoff,
-/// whose 10–100 ms steps miss the short gaps between queued writers' commits
-/// and starve readers. The handle holds no lock meanwhile (its SHARED was
-/// refused). Whether the writer is done.
-pub fn for_writer(h: &Handle, deadline: Instant) -> bool {
-    let page = h.lock().page();
-    at_gate(page, deadline, || !h.lock().p.read_blocked())
+/// How long a reader held off by writers backs off as stock SQLite does
+/// before it waits at the gate (see [`for_writer`]).
+pub const READER_PATIENCE: Duration = Duration::from_millis(10);
+
+/// A reader held off by a writer that waits for or holds EXCLUSIVE (rollback
+/// modes). For its first [`READER_PATIENCE`] it sleeps what SQLite asked, as
+/// stock does: readers let in the moment a commit ends would all begin at
+/// once, and in a deferred transaction every one of them but the first that
+/// then wants to write gets `SQLITE_BUSY` (SQLite calls no busy handler for
+/// that upgrade); SQLite's backoff spreads them out. After that it waits at
+/// the readers' gate until the writer is done, up to `deadline`, so that
+/// SQLite's 10–100 ms steps cannot miss every short gap between queued
+/// writers' commits and starve it. The handle holds no lock meanwhile (its
+/// SHARED was refused). Whether the writer is done.
+pub fn for_writer(h: &Handle, asked: Duration, deadline: Instant) -> bool {
+    let (page, age) = {
+        let st = h.lock();
+        (
+            st.page(),
+            st.w.run.map_or(Duration::ZERO, |r| r.start.elapsed()),
+        )
+    };
+    if age < READER_PATIENCE {
+        std::thread::sleep(asked.min(deadline.saturating_duration_since(Instant::now())));
+        return !h.lock().p.read_blocked();
+    }
+    at_gate(page, Gate::Readers, deadline, || !h.lock().p.read_blocked())
 }
 
 #[cfg(test)]
@@ -536,6 +588,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_default_handlers_last_sleep_is_known_by_its_length() {
+        let lasts = |timeout: u64| -> Vec<bool> {
+            schedule(timeout)
+                .into_iter()
+                .map(last_of_default_schedule)
+                .collect()
+        };
+        // 1000 ms: 328 ms of steps, six of 100 ms, then 72 ms.
+        let l = lasts(1000);
+        assert_eq!(l.iter().filter(|&&x| x).count(), 1);
+        assert!(*l.last().unwrap());
+        assert!(
+            lasts(5000).last().unwrap(),
+            "5000 - 328 = 4672: 46 x 100, then 72"
+        );
+        assert!(
+            !lasts(928).iter().any(|&x| x),
+            "a timeout on a step boundary: none known"
+        );
     }
 
     #[test]

@@ -176,6 +176,7 @@ struct Details {
     borrows: u64,
     reopens: u64,
     split_waits: u64,
+    yields: u64,
     options: OptionsStatus,
 }
 
@@ -187,6 +188,7 @@ struct OptionsStatus {
     queue: bool,
     queue_ahead_ms: u64,
     allow_network_fs: bool,
+    handoff_ms: u64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -247,12 +249,14 @@ impl Database {
                 borrows: l.borrows,
                 reopens: l.reopens,
                 split_waits: l.split_waits,
+                yields: l.yields,
                 options: OptionsStatus {
                     hold_warn_ms: o.hold_warn.as_millis() as u64,
                     checkpoint_wait_ms: o.checkpoint_wait.as_millis() as u64,
                     queue: o.queue,
                     queue_ahead_ms: o.queue_ahead.as_millis() as u64,
                     allow_network_fs: o.allow_network_fs,
+                    handoff_ms: o.handoff.as_millis() as u64,
                 },
             }),
         }

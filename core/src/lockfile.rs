@@ -322,6 +322,8 @@ pub struct Scan {
     pub application_holds: bool,
     /// A descriptor of the extension (any copy) holds it.
     pub extension_holds: bool,
+    /// The application has a descriptor of the lock file open, locked or not.
+    pub application_open: bool,
 }
 
 /// Look through `/proc/self/fd` for descriptors on the file `key` whose open
@@ -333,6 +335,7 @@ pub struct Scan {
 /// next look).
 pub fn scan(key: (u64, u64), skip: &std::collections::HashSet<RawFd>) -> Scan {
     let mut found = Scan::default();
+    let mut seen_app = false;
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return found;
     };
@@ -362,14 +365,14 @@ pub fn scan(key: (u64, u64), skip: &std::collections::HashSet<RawFd>) -> Scan {
                 _ => {}
             }
         }
-        if flock {
-            if marked {
-                found.extension_holds = true;
-            } else {
-                found.application_holds = true;
-            }
+        if marked {
+            found.extension_holds |= flock;
+        } else {
+            found.application_holds |= flock;
+            seen_app = true;
         }
     }
+    found.application_open = seen_app;
     found
 }
 
@@ -634,14 +637,19 @@ impl LockFile {
         if self.hold != Hold::No {
             return Ok(true);
         }
-        for _ in 0..3 {
+        if let Some(p) = &self.page {
+            if !p.may_take(self.queue_slot) && p.application_fds() == Some(false) {
+                // Reserved for the oldest waiter, and this process has no
+                // lock of its own to borrow: not even a try (a try that
+                // takes the lock and lets go sends others looking).
+                self.counters.yields += 1;
+                return Ok(false);
+            }
+        }
+        let (mut reopens, mut spins) = (0, 0);
+        loop {
             match sys::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
                 Ok(()) => {
-                    if self.is_stale() {
-                        let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
-                        self.reopen()?;
-                        continue;
-                    }
                     if self.split_holder() {
                         // A live holder of the deleted or replaced lock file
                         // is still in its transaction: wait for it.
@@ -656,28 +664,53 @@ impl LockFile {
                             self.counters.yields += 1;
                             return Ok(false);
                         }
-                        p.took(self.queue_slot);
-                    }
-                    self.hold = Hold::Own;
-                    if let Some(p) = &self.page {
+                        // The record first: a contender refused from now on
+                        // reads who holds the lock instead of looking
+                        // through its process's descriptors.
                         let f = if self.opener == Opener::Tool {
                             flags::TOOL
                         } else {
                             0
                         };
                         self.record = p.set_holder(process::pid(), token(), f, self.key);
+                        p.took(self.queue_slot);
                     }
+                    if self.is_stale() {
+                        if let Some(p) = &self.page {
+                            p.clear_holder(self.record);
+                        }
+                        let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
+                        reopens += 1;
+                        if reopens > 3 {
+                            return Ok(false);
+                        }
+                        self.reopen()?;
+                        continue;
+                    }
+                    self.hold = Hold::Own;
                     self.note_start();
                     return Ok(true);
                 }
                 // Contended: do not move even if stale — the holder may be a
                 // writer of the old file, and waiting for it keeps us apart.
-                Err(Errno::EWOULDBLOCK) => return self.borrow(),
+                Err(Errno::EWOULDBLOCK) => {
+                    // A holder of the extension letting go: free in a moment.
+                    let releasing = self
+                        .page
+                        .as_ref()
+                        .and_then(|p| p.holder())
+                        .is_some_and(|h| h.flags & flags::RELEASING != 0);
+                    if releasing && spins < 20 {
+                        spins += 1;
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    return self.borrow();
+                }
                 Err(Errno::EINTR) => return Ok(false),
                 Err(errno) => return Err(self.flock_error(errno)),
             }
         }
-        Ok(false)
     }
 
     /// The `flock` is held by someone else: if that is this process, through
@@ -710,6 +743,9 @@ impl LockFile {
         }
         self.counters.scans += 1;
         let found = scan(self.key, &process::registered_fds());
+        if let Some(p) = &self.page {
+            p.note_application_fds(found.application_open);
+        }
         if !found.application_holds {
             return Ok(false);
         }

@@ -46,7 +46,7 @@ impl Default for Options {
 }
 
 /// The default of `writelock_handoff_ms`.
-pub const DEFAULT_HANDOFF_MS: u64 = 5;
+pub const DEFAULT_HANDOFF_MS: u64 = 20;
 
 /// Every option name, as URI parameter and PRAGMA.
 pub const NAMES: [&str; 6] = [

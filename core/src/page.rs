@@ -242,6 +242,9 @@ pub struct Page {
     /// When this process last logged who holds the lock (ms since the epoch):
     /// once a second per database and process, however many connections.
     last_busy_log: AtomicU64,
+    /// Whether this process's application has a descriptor of the lock file
+    /// (its own flock to borrow): 0 not looked yet, 1 no, 2 yes (for good).
+    app_fds: std::sync::atomic::AtomicU8,
 }
 
 impl Page {
@@ -281,6 +284,7 @@ impl Page {
             file,
             me: None,
             last_busy_log: AtomicU64::new(0),
+            app_fds: std::sync::atomic::AtomicU8::new(0),
         };
         page.me = page.claim_proc();
         Ok(page)
@@ -693,6 +697,28 @@ impl Page {
             // WOKEN already (someone barged in before it woke): wake again.
             let _ = state.compare_exchange(WAITING, WOKEN, Ordering::AcqRel, Ordering::Relaxed);
             crate::sys::futex_wake(state, 1);
+        }
+    }
+
+    /// What the last look through this process's descriptors found: whether
+    /// its application has the lock file open (None: never looked). Once
+    /// seen, always assumed.
+    pub fn application_fds(&self) -> Option<bool> {
+        match self.app_fds.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(false),
+            _ => Some(true),
+        }
+    }
+
+    /// Note what a look through this process's descriptors found.
+    pub fn note_application_fds(&self, open: bool) {
+        if open {
+            self.app_fds.store(2, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .app_fds
+                .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 

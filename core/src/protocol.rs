@@ -108,6 +108,14 @@ pub struct Events {
     pub failure: Option<String>,
 }
 
+impl Events {
+    /// Something to log: a refusal (who holds the lock), a long hold, a
+    /// failure. Most steps have none.
+    pub fn loggable(&self) -> bool {
+        self.refused || self.held_long.is_some() || self.failure.is_some()
+    }
+}
+
 /// A long hold: how long, and the threshold it passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldLong {

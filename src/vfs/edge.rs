@@ -135,6 +135,12 @@ pub(crate) fn step<R>(
     if r.is_ok() && st.p.writing() {
         wait::forgive();
     }
+    if events.acquired || events.busy != 0 {
+        writelock_core::stats::GLOBAL.add(events.acquired as u64, events.busy as u64);
+    }
+    if !events.loggable() {
+        return r;
+    }
     let who = (events.refused && st.p.flock().page().is_none_or(|p| p.may_log_busy()))
         .then(|| st.p.flock().path().to_path_buf());
     let label = st.p.label.clone();
@@ -143,9 +149,8 @@ pub(crate) fn step<R>(
     r
 }
 
-/// Log what a step reported, count it for the process.
+/// Log what a step reported.
 fn report(events: &Events, label: &str, who: Option<std::path::PathBuf>) {
-    writelock_core::stats::GLOBAL.add(events.acquired as u64, events.busy as u64);
     if let Some(msg) = &events.failure {
         crate::log_error(ffi::SQLITE_IOERR_LOCK, msg);
     }

@@ -61,10 +61,13 @@ pub(crate) fn log_error(rc: c_int, msg: &str) {
 /// (NULL if out of memory).
 pub(crate) fn sqlite_strdup(msg: &str) -> *mut c_char {
     let bytes = msg.as_bytes();
-    // SAFETY: sqlite3_malloc returns NULL or a block of the requested size;
-    // we write exactly `len` bytes and the NUL into it.
+    let Ok(size) = c_int::try_from(bytes.len() + 1) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: sqlite3_malloc returns NULL or a block of `size` bytes; we
+    // write exactly `len` bytes and the NUL into it.
     unsafe {
-        let p = ffi::sqlite3_malloc(bytes.len() as c_int + 1) as *mut u8;
+        let p = ffi::sqlite3_malloc(size) as *mut u8;
         if !p.is_null() {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
             *p.add(bytes.len()) = 0;

@@ -388,8 +388,16 @@ fn ofd(byte: i64, l_type: libc::c_int) -> libc::flock {
 
 /// Open (creating) the lock file at `path` with `mode`: no symlinks
 /// (`O_NOFOLLOW`), regular files only; a new file gets `mode` despite the
-/// umask, and the database's owner when we are root.
-fn open_file(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<File, LockError> {
+/// umask, and the database's owner when we are root. An extension's
+/// descriptor is registered the moment it exists (see `process`): a `fork()`
+/// right after would otherwise leave the child holding the description whose
+/// locks the parent takes next.
+fn open_file(
+    path: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    opener: Opener,
+) -> Result<File, LockError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -402,6 +410,25 @@ fn open_file(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<File, 
             path: path.to_path_buf(),
             source,
         })?;
+    if opener == Opener::Extension {
+        process::register_fd(file.as_raw_fd());
+    }
+    match check_new_file(&file, path, mode, owner) {
+        Ok(()) => Ok(file),
+        Err(e) => {
+            close_file(file, opener);
+            Err(e)
+        }
+    }
+}
+
+/// What [`open_file`] checks and fixes once the file is open.
+fn check_new_file(
+    file: &File,
+    path: &Path,
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), LockError> {
     let meta = file.metadata().map_err(|source| LockError::Open {
         path: path.to_path_buf(),
         source,
@@ -422,10 +449,36 @@ fn open_file(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<File, 
     }
     if let Some((uid, gid)) = owner {
         if nix::unistd::geteuid().is_root() && (meta.uid(), meta.gid()) != (uid, gid) {
-            let _ = std::os::unix::fs::fchown(&file, Some(uid), Some(gid));
+            let _ = std::os::unix::fs::fchown(file, Some(uid), Some(gid));
         }
     }
-    Ok(file)
+    Ok(())
+}
+
+/// Close a descriptor of ours: let go of every OFD lock its description
+/// holds, unregister it, close it — in that order, so that a `fork()` at any
+/// moment leaves the child either an inert duplicate or a description
+/// holding nothing.
+fn close_file(f: File, opener: Opener) {
+    if opener == Opener::Extension {
+        unlock_all_ofd(&f);
+        process::forget_fd(f.as_raw_fd());
+    }
+    drop(f);
+}
+
+/// Let go of every OFD lock `f`'s description holds (only ever on a
+/// description this process opened: in a forked child it may be the
+/// parent's).
+fn unlock_all_ofd(f: &File) {
+    let all = libc::flock {
+        l_type: libc::F_UNLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0, // to the end, and beyond
+        l_pid: 0,
+    };
+    let _ = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&all));
 }
 
 impl LockFile {
@@ -445,7 +498,7 @@ impl LockFile {
         let db_meta = std::fs::metadata(db_path).ok();
         let mode = db_meta.as_ref().map(|m| m.mode() & 0o777).unwrap_or(0o644);
         let owner = db_meta.as_ref().map(|m| (m.uid(), m.gid()));
-        let file = open_file(&path, mode, owner)?;
+        let file = open_file(&path, mode, owner, opener)?;
         let mut lf = LockFile {
             key: (0, 0),
             path,
@@ -479,7 +532,6 @@ impl LockFile {
         self.key = (dev, ino);
         if self.opener == Opener::Extension {
             self.ofd_lock(MARKER_BYTE, libc::F_RDLCK)?;
-            process::register_fd(self.file.as_raw_fd());
         }
         Ok(())
     }
@@ -574,11 +626,11 @@ impl LockFile {
     /// OFD locks held on the old one, then close the old one. Holds no flock.
     fn reopen(&mut self) -> Result<(), LockError> {
         debug_assert!(self.hold == Hold::No);
-        let fresh = open_file(&self.path, self.mode, self.owner)?;
+        let fresh = open_file(&self.path, self.mode, self.owner, self.opener)?;
         let (old_file, old_key) = (std::mem::replace(&mut self.file, fresh), self.key);
         if let Err(e) = self.adopt() {
             // Keep the old file (still a valid lock, if a stale one).
-            drop(std::mem::replace(&mut self.file, old_file));
+            close_file(std::mem::replace(&mut self.file, old_file), self.opener);
             self.key = old_key;
             return Err(e);
         }
@@ -598,17 +650,9 @@ impl LockFile {
         if self.pending && !matches!(self.ofd_lock(PENDING_BYTE, libc::F_WRLCK), Ok(true)) {
             self.pending = false;
         }
-        self.close_file(old_file);
+        close_file(old_file, self.opener);
         self.counters.reopens += 1;
         Ok(())
-    }
-
-    /// Close a descriptor of ours: forget it first (see `process`).
-    fn close_file(&self, f: File) {
-        if self.opener == Opener::Extension {
-            process::forget_fd(f.as_raw_fd());
-        }
-        drop(f);
     }
 
     /// A reader's check before it takes its shadow read lock: move to a
@@ -936,13 +980,20 @@ impl LockFile {
 
 impl Drop for LockFile {
     fn drop(&mut self) {
-        if self.check_pid().is_ok() {
+        let mine = self.check_pid().is_ok();
+        if mine {
             self.unlock();
         }
-        // Closing the descriptor releases the flock and the OFD locks (in a
-        // forked child it is an inert duplicate, see `process`). The file
-        // itself is never unlinked.
+        // Let go of the OFD locks, unregister, then close (when the field
+        // drops): a fork at any moment leaves the child an inert duplicate
+        // or a description holding nothing. In a forked child the
+        // descriptor is an inert duplicate (see `process`), or the parent's
+        // description, which it must not touch. The file itself is never
+        // unlinked.
         if self.opener == Opener::Extension {
+            if mine {
+                unlock_all_ofd(&self.file);
+            }
             process::forget_fd(self.file.as_raw_fd());
         }
     }

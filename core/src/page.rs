@@ -258,15 +258,42 @@ impl Page {
             .mode(mode)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)?;
+        // Registered at once: a fork right after must not leave the child the
+        // description whose slot locks this process takes next.
+        crate::process::register_fd(file.as_raw_fd());
+        let (map, key) = match Page::map_file(&file) {
+            Ok(m) => m,
+            Err(e) => {
+                // Unregistered before it closes (holding no lock yet).
+                crate::process::forget_fd(file.as_raw_fd());
+                return Err(e);
+            }
+        };
+        let mut page = Page {
+            map,
+            key,
+            file,
+            me: None,
+            last_busy_log: AtomicU64::new(0),
+            app_fds: std::sync::atomic::AtomicU8::new(0),
+        };
+        page.me = page.claim_proc();
+        Ok(page)
+    }
+
+    /// Size, map and check the side file: the mapping and the file's key.
+    fn map_file(file: &File) -> std::io::Result<(crate::sys::Mapping, (u64, u64))> {
         let meta = file.metadata()?;
         if !meta.file_type().is_file() {
             return Err(std::io::Error::other("not a regular file"));
         }
         if meta.len() < PAGE_LEN as u64 {
-            // Only ever grow it: a mapping of a shrunk file faults.
-            file.set_len(PAGE_LEN as u64)?;
+            // Only ever grow it (fallocate never shrinks, unlike a set_len
+            // racing another opener): a mapping of a shrunk file faults.
+            nix::fcntl::posix_fallocate(file, 0, PAGE_LEN as libc::off_t)
+                .map_err(std::io::Error::from)?;
         }
-        let map = crate::sys::Mapping::new(&file, PAGE_LEN)?;
+        let map = crate::sys::Mapping::new(file, PAGE_LEN)?;
         let magic = map.u32_at(OFF_MAGIC);
         match magic.compare_exchange(0, MAGIC, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => map.u32_at(OFF_VERSION).store(VERSION, Ordering::Release),
@@ -277,17 +304,14 @@ impl Page {
                 )))
             }
         }
-        crate::process::register_fd(file.as_raw_fd());
-        let mut page = Page {
-            map,
-            key: (meta.dev(), meta.ino()),
-            file,
-            me: None,
-            last_busy_log: AtomicU64::new(0),
-            app_fds: std::sync::atomic::AtomicU8::new(0),
-        };
-        page.me = page.claim_proc();
-        Ok(page)
+        let version = map.u32_at(OFF_VERSION).load(Ordering::Acquire);
+        if version != VERSION && version != 0 {
+            // Another layout: its fields may overlap ours in other sizes.
+            return Err(std::io::Error::other(format!(
+                "page format version {version}, not {VERSION}"
+            )));
+        }
+        Ok((map, (meta.dev(), meta.ino())))
     }
 
     /// The page of the lock file `lock_path`, shared with the process's
@@ -824,6 +848,16 @@ impl Page {
 
 impl Drop for Page {
     fn drop(&mut self) {
+        // As for the lock file: let go of the slot bytes first (a page built
+        // in another process is never dropped here: ancestors' values leak).
+        let all = libc::flock {
+            l_type: libc::F_UNLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        let _ = nix::fcntl::fcntl(&self.file, nix::fcntl::FcntlArg::F_OFD_SETLK(&all));
         crate::process::forget_fd(self.file.as_raw_fd());
     }
 }

@@ -27,8 +27,9 @@ use nix::libc;
 
 // ---- system calls -----------------------------------------------------------
 
-/// `flock(fd, op)` on a descriptor we own.
-pub fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
+/// `flock(fd, op)` on a descriptor the extension owns (crate-only: safe code
+/// elsewhere must not lock arbitrary descriptor numbers).
+pub(crate) fn flock(fd: RawFd, op: libc::c_int) -> Result<(), Errno> {
     // SAFETY: flock takes a descriptor number and flags; no memory involved.
     Errno::result(unsafe { libc::flock(fd, op) }).map(drop)
 }
@@ -60,10 +61,16 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Map the first `len` bytes of `f`, which the caller made at least that
-    /// long. (Should another process truncate the file later, touching the
-    /// mapping faults with `SIGBUS`: the file must only ever grow.)
+    /// Map the first `len` bytes of `f`; an error if the file is shorter.
+    /// (Should another process truncate the file later, touching the mapping
+    /// faults with `SIGBUS`, as with SQLite's own `-shm`: the file must only
+    /// ever grow.)
     pub fn new(f: &File, len: usize) -> std::io::Result<Mapping> {
+        if f.metadata()?.len() < len as u64 {
+            return Err(std::io::Error::other(format!(
+                "shorter than the {len} bytes to map"
+            )));
+        }
         // SAFETY: a fresh shared mapping of a file we keep open; the kernel
         // picks the address and checks the descriptor and the length.
         let p = unsafe {
@@ -87,7 +94,7 @@ impl Mapping {
 
     /// The 32-bit atomic at byte `off` (aligned).
     pub fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= self.len);
+        assert!(off.is_multiple_of(4) && off.checked_add(4).is_some_and(|end| end <= self.len));
         // SAFETY: in bounds, aligned (the mapping is page-aligned), and valid
         // while `self` lives; every party accesses it atomically.
         unsafe { AtomicU32::from_ptr(self.base.add(off) as *mut u32) }
@@ -95,7 +102,7 @@ impl Mapping {
 
     /// The 64-bit atomic at byte `off` (aligned).
     pub fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(off.is_multiple_of(8) && off + 8 <= self.len);
+        assert!(off.is_multiple_of(8) && off.checked_add(8).is_some_and(|end| end <= self.len));
         // SAFETY: as `u32_at`.
         unsafe { AtomicU64::from_ptr(self.base.add(off) as *mut u64) }
     }
@@ -143,7 +150,7 @@ pub fn futex_wake(word: &AtomicU32, n: i32) {
 /// `child` must do only async-signal-safe things (it runs between `fork()`
 /// and whatever the child does next, possibly while the parent had locks
 /// held by threads that do not exist in the child).
-pub fn at_fork_child(child: extern "C" fn()) -> bool {
+pub(crate) fn at_fork_child(child: extern "C" fn()) -> bool {
     // SAFETY: FFI into libc with a handler the caller keeps async-signal-
     // safe. The library is loaded for good (SQLITE_OK_LOAD_PERMANENTLY), so
     // the handler's code stays mapped for the life of the process.
@@ -158,8 +165,9 @@ pub fn getpid() -> u32 {
 
 /// In a forked child: make each descriptor of `fds` refer to `/dev/null`
 /// (or, without it, a pipe) instead of the description it shared with the
-/// parent, keeping the number taken. Async-signal-safe.
-pub fn make_inert(fds: &FdList) {
+/// parent, keeping the number taken (and close-on-exec, so an `exec` does
+/// not carry the duplicates along). Async-signal-safe.
+pub(crate) fn make_inert(fds: &FdList) {
     // SAFETY: open and pipe2 are async-signal-safe; the path is a C string.
     let inert = unsafe {
         let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
@@ -175,10 +183,11 @@ pub fn make_inert(fds: &FdList) {
         }
     };
     fds.drain(|fd| {
-        // SAFETY: dup2 is async-signal-safe; `fd` is a descriptor the
-        // extension opened and registered (and unregisters before closing),
-        // so replacing it touches nothing of the application's.
-        unsafe { libc::dup2(inert, fd) };
+        // SAFETY: dup3 is a plain system call (async-signal-safe); `fd` is
+        // a descriptor the extension opened and registered (and unregisters
+        // before closing), so replacing it touches nothing of the
+        // application's.
+        unsafe { libc::dup3(inert, fd, libc::O_CLOEXEC) };
     });
     // SAFETY: `inert` is ours and no longer needed (its duplicates stay).
     unsafe { libc::close(inert) };
@@ -230,7 +239,7 @@ impl FdList {
     }
 
     /// Add `fd`.
-    pub fn insert(&self, fd: RawFd) {
+    pub(crate) fn insert(&self, fd: RawFd) {
         loop {
             let mut placed = false;
             let mut last: *const Chunk = ptr::null();
@@ -268,7 +277,7 @@ impl FdList {
     }
 
     /// Remove `fd` (once).
-    pub fn remove(&self, fd: RawFd) {
+    pub(crate) fn remove(&self, fd: RawFd) {
         self.chunks(|c| {
             c.fds.iter().any(|s| {
                 s.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed)
@@ -315,6 +324,9 @@ impl FdList {
 /// dropped: their mutexes may be held by threads that do not exist here.
 pub struct PerProcess<T: 'static> {
     cell: AtomicPtr<(u64, T)>,
+    /// Shared between threads only if `T` may be: `get` hands every thread
+    /// the same `&T` (an `AtomicPtr` alone would make it `Sync` for any `T`).
+    _value: std::marker::PhantomData<T>,
 }
 
 impl<T: 'static> Default for PerProcess<T> {
@@ -328,6 +340,7 @@ impl<T: 'static> PerProcess<T> {
     pub const fn new() -> Self {
         PerProcess {
             cell: AtomicPtr::new(ptr::null_mut()),
+            _value: std::marker::PhantomData,
         }
     }
 
@@ -378,6 +391,30 @@ mod tests {
         list.drain(|fd| drained.push(fd));
         assert_eq!(drained.len(), fds.len() - 10);
         assert!(list.snapshot().is_empty());
+    }
+
+    #[test]
+    fn a_mapping_is_never_longer_than_its_file_nor_read_outside_it() {
+        let path = std::env::temp_dir().join(format!("wl-sys-map-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(4096).unwrap();
+        assert!(Mapping::new(&f, 8192).is_err(), "past the end of the file");
+        let m = Mapping::new(&f, 4096).unwrap();
+        m.u64_at(4088).store(1, Ordering::Relaxed);
+        for off in [4096, usize::MAX - 3, usize::MAX - 7] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                m.u32_at(off & !3);
+            }));
+            assert!(r.is_err(), "offset {off} accepted");
+        }
+        drop(m);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

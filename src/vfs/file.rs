@@ -94,7 +94,7 @@ impl Ours {
     /// xShmMap).
     pub fn attach(self, state: FileState) -> &'static ffi::sqlite3_io_methods {
         // SAFETY: our struct, not yet seen by SQLite (pMethods is NULL).
-        unsafe { (*(self.0 as *mut ShimFile)).state = Box::into_raw(Box::new(state)) };
+        unsafe { (*self.shim_mut()).state = Box::into_raw(Box::new(state)) };
         let m = self.methods();
         let v = if m.xShmMap.is_none() {
             1
@@ -111,6 +111,11 @@ impl Ours {
     pub unsafe fn set_methods(self, methods: &'static ffi::sqlite3_io_methods) {
         // SAFETY: per the caller; our struct's first field.
         unsafe { (*self.0).pMethods = methods };
+    }
+
+    /// Our struct, to write (xOpen fills it, xClose takes the state back).
+    pub fn shim_mut(&self) -> *mut ShimFile {
+        self.0 as *mut ShimFile
     }
 
     pub fn shim(&self) -> &ShimFile {
@@ -254,10 +259,14 @@ unsafe extern "C" fn x_close(f: *mut ffi::sqlite3_file) -> c_int {
     let f = unsafe { Ours::new(f) };
     guard(ffi::SQLITE_IOERR_CLOSE, || {
         let rc = inner_call!(f, xClose);
-        let sf = f.shim() as *const ShimFile as *mut ShimFile;
         // SAFETY: we own the box (set by xOpen); SQLite never uses the file
         // again after xClose, so nothing else reads `state` from now on.
-        let st = unsafe { Box::from_raw(std::mem::replace(&mut (*sf).state, ptr::null_mut())) };
+        let st = unsafe {
+            Box::from_raw(std::mem::replace(
+                &mut (*f.shim_mut()).state,
+                ptr::null_mut(),
+            ))
+        };
         if let Ok(Some(m)) = &st.lock {
             if m.inherited_from().is_none() {
                 let mut s = m.lock();
@@ -453,15 +462,21 @@ unsafe fn vfs_name(f: Ours, out: *mut *mut c_char) -> c_int {
         ffi::SQLITE_FCNTL_VFSNAME,
         out as *mut c_void
     );
-    // SAFETY: per the caller; the inner VFS left NULL or a string from
-    // sqlite3_malloc there, which we free after copying.
+    // SAFETY: per the caller. Only a successful inner call wrote a string
+    // (from sqlite3_malloc) there, which we free after copying; otherwise
+    // `*out` is whatever the caller left, neither read nor freed.
     unsafe {
-        let below = (*out)
-            .as_ref()
-            .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned());
-        if !(*out).is_null() {
-            ffi::sqlite3_free(*out as *mut c_void);
-        }
+        let below = if rc == ffi::SQLITE_OK {
+            let b = (*out)
+                .as_ref()
+                .map(|p| CStr::from_ptr(p).to_string_lossy().into_owned());
+            if !(*out).is_null() {
+                ffi::sqlite3_free(*out as *mut c_void);
+            }
+            b
+        } else {
+            None
+        };
         let name = match below {
             Some(b) => format!("writelock/{b}"),
             None => "writelock".into(),

@@ -328,13 +328,16 @@ pub(crate) fn register_vfs() -> Result<(), (c_int, String)> {
                     "writelock: SQLite has no default VFS to wrap".into(),
                 ));
             }
-            // SAFETY: SQLite's default VFS lives as long as the process.
-            let b = unsafe { &*base };
+            // SAFETY: SQLite's default VFS lives as long as the process; its
+            // fields are read through the raw pointer, never a reference
+            // (SQLite writes its pNext when VFSes register).
+            let (b_version, b_size, b_path) =
+                unsafe { ((*base).iVersion, (*base).szOsFile, (*base).mxPathname) };
             // Leaked: SQLite keeps the pointer for the life of the process.
             let v = Box::leak(Box::new(ffi::sqlite3_vfs {
-                iVersion: b.iVersion.min(3),
-                szOsFile: (INNER_OFFSET as c_int) + b.szOsFile,
-                mxPathname: b.mxPathname,
+                iVersion: b_version.min(3),
+                szOsFile: (INNER_OFFSET as c_int) + b_size,
+                mxPathname: b_path,
                 pNext: ptr::null_mut(),
                 zName: VFS_NAME.as_ptr(),
                 pAppData: base as *mut c_void,

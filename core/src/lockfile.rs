@@ -1139,7 +1139,7 @@ mod tests {
         // Blocked in flock(2): the kernel lists it as a waiter.
         let t0 = std::time::Instant::now();
         loop {
-            let text = std::fs::read_to_string("/proc/locks").unwrap();
+            let text = crate::holder::read_proc_locks().unwrap();
             if crate::holder::flock_waiters_in(&text, &name).contains(&process::pid()) {
                 break;
             }

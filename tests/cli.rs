@@ -4,10 +4,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use writelock_tests::{cli_path, create_table, lock_path, open, tempdir, FlockHolder, Mode, Shell};
+use writelock_tests::{
+    cli_path, create_table, lock_path, open, proc_locks_on, tempdir, wait_until, FlockHolder, Mode,
+    Shell,
+};
 
 fn status_json(db: &Path) -> Value {
     let out = Command::new(cli_path())
@@ -234,5 +238,158 @@ fn watch_misses_no_short_hold() {
             Mode::Writelock => assert!(frees >= 20, "{frees} holds seen:\n{rest}"),
             Mode::Stock => assert_eq!(frees, 0, "{rest}"),
         }
+    }
+}
+
+/// `writelock VERB ARGS… DB`: (exit code, stdout, stderr).
+fn cli(args: &[&str], db: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(cli_path())
+        .args(args)
+        .arg(db)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether `pid` sleeps in `nanosleep` now, as SQLite's busy handler does
+/// between two polls (`/proc/PID/wchan`; true where the kernel does not say).
+fn sleeps_in_busy_handler(pid: u32) -> bool {
+    let w = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    w.contains("nanosleep") || w.trim().is_empty() || w.trim() == "0"
+}
+
+/// Whether `pid` is a blocked `flock` waiter (`->`) on `file` in /proc/locks.
+fn blocked_in_flock(file: &Path, pid: u32) -> bool {
+    proc_locks_on(file).iter().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"->") && f.contains(&pid.to_string().as_str())
+    })
+}
+
+/// Wait at most 10 s for `child` to exit: its exit code.
+fn exits(child: &mut Child) -> Option<i32> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ---- status --exit-code ----------------------------------------------------------
+
+/// `status --exit-code` exits 1 while a writer holds the lock and 0 when it
+/// is free; plain `status` exits 0 either way, and the other codes stay.
+/// A stock writer in its transaction holds no lock: 0.
+#[test]
+fn status_exit_code_says_whether_the_lock_is_held() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "wal");
+        let mut sh = Shell::start(&db, mode);
+        sh.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+        let held = if mode == Mode::Writelock { 1 } else { 0 };
+        assert_eq!(
+            cli(&["status", "--exit-code"], &db).0,
+            Some(held),
+            "{mode:?}"
+        );
+        let (code, out, _) = cli(&["status", "--json", "--exit-code"], &db);
+        assert_eq!(code, Some(held), "{mode:?}: {out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["held"], held == 1, "{v}");
+        assert_eq!(cli(&["status"], &db).0, Some(0), "{mode:?}: plain status");
+        sh.run("COMMIT;");
+        assert_eq!(cli(&["status", "--exit-code"], &db).0, Some(0), "{mode:?}");
+        sh.finish();
+    }
+    let dir = tempdir();
+    let missing = dir.path().join("missing.db");
+    assert_eq!(cli(&["status", "--exit-code"], &missing).0, Some(66));
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    std::fs::create_dir(lock_path(&db)).unwrap();
+    assert_eq!(cli(&["status", "--exit-code"], &db).0, Some(73));
+}
+
+// ---- status: waiters ---------------------------------------------------------------
+
+/// While a writer holds the lock, `status` lists a queued writer of the
+/// extension (how "extension", with how long it has waited) and a blocked
+/// `flock(1)` (how "flock", in the kernel's queue), each with pid and
+/// command line, in text and JSON. Without the extension nothing queues: the
+/// stock writer polls in SQLite's busy handler, and flock(1) is not blocked.
+#[test]
+fn status_lists_queued_writers_and_blocked_flocks() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "wal");
+        std::fs::File::create(lock_path(&db)).unwrap();
+        let mut holder = Shell::start(&db, mode);
+        holder.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+        let mut queued = Shell::start(&db, mode);
+        queued.run(".timeout 20000");
+        queued.submit("INSERT INTO t VALUES (2);");
+        let mut flock = Command::new("flock")
+            .arg("-x")
+            .arg(lock_path(&db))
+            .arg("true")
+            .spawn()
+            .unwrap();
+        match mode {
+            Mode::Writelock => {
+                wait_until("two waiters", || {
+                    status_json(&db)["waiters"].as_array().unwrap().len() == 2
+                });
+                let v = status_json(&db);
+                let w = &v["waiters"];
+                assert_eq!(v["holder_pid"], holder.pid(), "{v}");
+                assert_eq!(w[0]["pid"], queued.pid(), "{v}");
+                assert_eq!(w[0]["how"], "extension", "{v}");
+                assert!(
+                    w[0]["cmdline"].as_str().unwrap().starts_with("sqlite3"),
+                    "{v}"
+                );
+                assert!(w[0]["waiting_ms"].as_u64().is_some(), "{v}");
+                assert_eq!(w[1]["pid"], flock.id(), "{v}");
+                assert_eq!(w[1]["how"], "flock", "{v}");
+                assert!(
+                    w[1]["cmdline"].as_str().unwrap().starts_with("flock -x"),
+                    "{v}"
+                );
+                assert_eq!(w[1]["waiting_ms"], Value::Null, "{v}");
+                assert!(blocked_in_flock(&lock_path(&db), flock.id()));
+                let (_, text, _) = cli(&["status"], &db);
+                let ext = format!("waiting:   pid {} (sqlite3", queued.pid());
+                let fl = format!("pid {} (flock -x ", flock.id());
+                assert!(text.contains(&ext), "{text}");
+                assert!(text.contains(&fl) && text.contains("[flock]"), "{text}");
+                holder.run("COMMIT;");
+                assert_eq!(queued.collect(), "", "the queued writer wrote");
+                assert_eq!(exits(&mut flock), Some(0));
+            }
+            Mode::Stock => {
+                assert_eq!(exits(&mut flock), Some(0), "flock(1) was not blocked");
+                wait_until("the stock writer polls", || {
+                    sleeps_in_busy_handler(queued.pid())
+                });
+                let v = status_json(&db);
+                assert_eq!(v["held"], false, "{v}");
+                assert_eq!(v["waiters"], serde_json::json!([]), "{v}");
+                holder.run("COMMIT;");
+                assert_eq!(queued.collect(), "");
+            }
+        }
+        assert_eq!(status_json(&db)["waiters"], serde_json::json!([]));
+        holder.finish();
+        queued.finish();
     }
 }

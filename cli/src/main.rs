@@ -14,21 +14,22 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
 use writelock_core::lockfile::{kind_of, lock_path_for, resolve_db_path, LockFile, Opener};
-use writelock_core::page::{flags::RELEASING, now_ms, peek, RING};
+use writelock_core::page::{flags::RELEASING, mono_ns, now_ms, peek, RING};
 
 const EXIT_HELP: &str = "\
 The lock file is <resolved database path>.lock: symlinks are resolved as
 SQLite resolves them before it opens the database.
 
 Exit codes:
-  0    success (run: the command's own status is passed through)
-  2    usage error
-  66   status, watch: the database does not exist (nothing is created)
-  73   the lock file cannot be used: not a regular file, or cannot be opened
-       or created (the message says why)
-  75   run: the lock was not free within --timeout
-  126  run: the command could not be executed
-  127  run: the command was not found
+  0     success (run: the command's own status is passed through)
+  1     status --exit-code: the lock is held
+  2     usage error
+  66    status, watch: the database does not exist (nothing is created)
+  73    the lock file cannot be used: not a regular file, or cannot be opened
+        or created (the message says why)
+  75    run: the lock was not free within --timeout
+  126   run: the command could not be executed
+  127   run: the command was not found
   128+N run: the command was killed by signal N";
 
 /// See and use the write lock (`<db>.lock`) that sqlite-writelock connections
@@ -42,13 +43,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Show whether DB's write lock is held, by which process, for how long.
+    /// Show whether DB's write lock is held, by which process, for how long,
+    /// and who waits for it.
+    ///
+    /// The holder is read from the kernel's lock table (/proc/locks), since
+    /// when from the holder record on the shared page <db>.lock-shm. Waiters
+    /// are the extension's connections queued on the shared page (oldest
+    /// first, "extension"), then processes blocked in flock(2) on the lock
+    /// file in the kernel's queue ("flock": flock(1), writelock run, an
+    /// application's own lock). Creates nothing.
     Status {
         /// The database file (its lock file is DB.lock).
         db: PathBuf,
-        /// Print JSON: {"db","lock_file","exists","held","holder_pid","holder_cmdline","held_for_ms"}.
+        /// Print one JSON object: db, lock_file, exists, held, holder_pid,
+        /// holder_cmdline, held_for_ms, waiters [{pid, cmdline, how, waiting_ms}].
         #[arg(long)]
         json: bool,
+        /// Exit 1 when the lock is held, 0 when it is free (as `git diff
+        /// --exit-code`); without it, status exits 0 either way.
+        #[arg(long)]
+        exit_code: bool,
     },
     /// Run a command while holding DB's write lock (no connection using the
     /// extension writes meanwhile): backups, file copies, migrations.
@@ -78,7 +92,11 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Status { db, json } => status(&db, json),
+        Cmd::Status {
+            db,
+            json,
+            exit_code,
+        } => status(&db, json, exit_code),
         Cmd::Run {
             db,
             timeout,
@@ -143,7 +161,7 @@ fn lock_file_of(db: &Path) -> Result<(PathBuf, PathBuf, bool), Fail> {
     }
 }
 
-fn status(db: &Path, json: bool) -> ExitCode {
+fn status(db: &Path, json: bool, exit_code: bool) -> ExitCode {
     let (_, lock, exists) = match lock_file_of(db) {
         Ok(x) => x,
         Err(Fail(code)) => return ExitCode::from(code),
@@ -156,6 +174,11 @@ fn status(db: &Path, json: bool) -> ExitCode {
         .as_ref()
         .and_then(|h| h.held_for)
         .map(|d| d.as_millis() as u64);
+    let code = if exit_code && h.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    };
     if json {
         let v = serde_json::json!({
             "db": db.to_string_lossy(),
@@ -169,10 +192,11 @@ fn status(db: &Path, json: bool) -> ExitCode {
                 "pid": w.pid,
                 "cmdline": cmdline(w.pid),
                 "how": w.how,
+                "waiting_ms": w.waiting_ms,
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
-        return ExitCode::SUCCESS;
+        return code;
     }
     println!(
         "lock file: {}{}",
@@ -191,15 +215,18 @@ fn status(db: &Path, json: bool) -> ExitCode {
         }
     }
     for (i, w) in waiters.iter().enumerate() {
+        let since = w
+            .waiting_ms
+            .map_or_else(String::new, |ms| format!(", {ms} ms"));
         println!(
-            "{:<10} pid {} ({}) [{}]",
+            "{:<10} pid {} ({}) [{}{since}]",
             if i == 0 { "waiting:" } else { "" },
             w.pid,
             cmdline(w.pid).unwrap_or_else(|| "?".into()),
             w.how
         );
     }
-    ExitCode::SUCCESS
+    code
 }
 
 /// One process waiting for the lock.
@@ -207,27 +234,29 @@ struct Waiter {
     pid: u32,
     /// "extension" (a connection queued on the shared page, oldest first)
     /// or "flock" (blocked in flock(2), in the kernel's queue: flock(1),
-    /// an application's own lock).
+    /// `writelock run`, an application's own lock).
     how: &'static str,
+    /// How long it has waited, when it says (the extension's waiters do).
+    waiting_ms: Option<u64>,
 }
 
 /// Everyone waiting: the extension's queue first (in arrival order), then
 /// the kernel's `flock` waiters.
 fn waiters(lock: &Path, flock_waiters: Vec<u32>) -> Vec<Waiter> {
-    let queued = writelock_core::page::peek(lock)
-        .map(|s| s.waiters)
-        .unwrap_or_default();
+    let queued = peek(lock).map(|s| s.waiters).unwrap_or_default();
+    let now = mono_ns();
     queued
         .into_iter()
-        .map(|(pid, _)| Waiter {
+        .map(|(pid, arrival_ns)| Waiter {
             pid,
             how: "extension",
+            waiting_ms: Some(now.saturating_sub(arrival_ns) / 1_000_000),
         })
-        .chain(
-            flock_waiters
-                .into_iter()
-                .map(|pid| Waiter { pid, how: "flock" }),
-        )
+        .chain(flock_waiters.into_iter().map(|pid| Waiter {
+            pid,
+            how: "flock",
+            waiting_ms: None,
+        }))
         .collect()
 }
 

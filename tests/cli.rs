@@ -393,3 +393,60 @@ fn status_lists_queued_writers_and_blocked_flocks() {
         queued.finish();
     }
 }
+
+// ---- watch: holders without a record -----------------------------------------------
+
+/// `watch` says how it sees holders that leave no record on the shared page
+/// (`flock(1)`): from /proc/locks, every 100 ms. Their lines say so; an
+/// extension writer's hold afterwards is read from the ring, without.
+#[test]
+fn watch_says_how_it_sees_a_flock_holder() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "wal");
+    std::fs::File::create(lock_path(&db)).unwrap();
+    drop(open(&db, Mode::Writelock));
+    let mut watch = Command::new(cli_path())
+        .arg("watch")
+        .arg(&db)
+        .args(["--for", "2", "--interval-ms", "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(watch.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("watching") && line.contains("/proc/locks every 100 ms"),
+        "{line}"
+    );
+    let holder = FlockHolder::hold(&lock_path(&db));
+    let mut held = String::new();
+    out.read_line(&mut held).unwrap();
+    assert!(
+        held.contains("held  by pid")
+            && held.contains("(flock -x ")
+            && held.contains("(seen in /proc/locks)"),
+        "{held}"
+    );
+    holder.release();
+    let mut free = String::new();
+    out.read_line(&mut free).unwrap();
+    assert!(
+        free.contains("free  pid") && free.ends_with("(seen in /proc/locks)\n"),
+        "{free}"
+    );
+    let mut sh = Shell::start(&db, Mode::Writelock);
+    sh.run("INSERT INTO t VALUES (1);");
+    let pid = sh.pid();
+    sh.finish();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(watch.wait().unwrap().success());
+    let mine: Vec<&str> = rest
+        .lines()
+        .filter(|l| l.contains(&format!("pid {pid} ")))
+        .collect();
+    assert!(!mine.is_empty(), "{rest}");
+    assert!(mine.iter().all(|l| !l.contains("/proc/locks")), "{rest}");
+}

@@ -76,12 +76,23 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Print every change of holder and each hold's duration until interrupted.
+    /// Print every change of holder and each hold's duration until
+    /// interrupted (or for --for seconds).
+    ///
+    /// Holds by the extension's connections and by writelock run come from
+    /// the ring of recent holds on the shared page <db>.lock-shm: none is
+    /// missed, however short, and the times are the holder's own. Other
+    /// holders (flock(1), an application's own flock) leave no record there:
+    /// watch sees them in /proc/locks, read at most every 100 ms (every
+    /// --interval-ms if that is longer, since each read stalls every lock call
+    /// in the system), so such a hold shorter than that may be missed, and
+    /// its times are those of the reads. Its lines end in "(seen in
+    /// /proc/locks)".
     Watch {
         /// The database file.
         db: PathBuf,
-        /// Poll interval in milliseconds.
-        #[arg(long, default_value_t = 20)]
+        /// How often to read the shared page, in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 20)]
         interval_ms: u64,
         /// Stop after this many seconds.
         #[arg(long = "for", value_name = "SECS", value_parser = seconds)]
@@ -339,10 +350,14 @@ fn clock() -> String {
     clock_at(now_ms())
 }
 
-/// How often `watch` asks the kernel about holders that leave no record
-/// (`flock(1)`, an application's own flock): a read of `/proc/locks` stalls
-/// every lock call in the system while it runs.
+/// How often `watch` at most asks the kernel about holders that leave no
+/// record (`flock(1)`, an application's own flock): a read of `/proc/locks`
+/// stalls every lock call in the system while it runs.
 const KERNEL_EVERY: Duration = Duration::from_millis(100);
+
+/// Appended to `watch`'s lines about holders seen only in the kernel's lock
+/// table.
+const FROM_KERNEL: &str = "(seen in /proc/locks)";
 
 /// The hold `watch` last announced: pid, and when the holder record says it
 /// began (None for holders without a record), and when it was seen.
@@ -354,10 +369,21 @@ fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
         Err(Fail(code)) => return ExitCode::from(code),
     };
     let end = duration.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    println!("{} watching {}", clock(), lock.display());
-    let held = |pid: u32, at: String| {
+    let kernel_every = KERNEL_EVERY.max(every);
+    println!(
+        "{} watching {}: holds of the extension and of writelock run from the shared page, \
+         every one; other holders (flock(1), an application's own flock) from /proc/locks \
+         every {} ms, so shorter holds of theirs may be missed",
+        clock(),
+        lock.display(),
+        kernel_every.as_millis()
+    );
+    let held = |pid: u32, since: Option<u64>| {
         let cmd = cmdline(pid).unwrap_or_else(|| "exited".into());
-        println!("{at} held  by pid {pid} ({cmd})");
+        match since {
+            Some(ms) => println!("{} held  by pid {pid} ({cmd})", clock_at(ms)),
+            None => println!("{} held  by pid {pid} ({cmd}) {FROM_KERNEL}", clock()),
+        }
     };
     // Holds of the extension's connections come from the ring on the shared
     // page, however short; the holder now from the record, else the kernel.
@@ -380,7 +406,7 @@ fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
             let end_ms = h.start_ms + h.held.as_millis() as u64;
             if !matches!(current, Some((pid, Some(start), _)) if pid == h.pid && start == h.start_ms)
             {
-                held(h.pid, clock_at(h.start_ms));
+                held(h.pid, Some(h.start_ms));
             }
             println!(
                 "{} free  pid {} held it {} ms",
@@ -395,7 +421,7 @@ fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
             // Letting go: its ring entry follows.
             Some(r) => current.filter(|c| c.0 == r.pid).map(|c| (c.0, c.1)),
             None => {
-                if kernel_at.is_none_or(|t| t.elapsed() >= KERNEL_EVERY) {
+                if kernel_at.is_none_or(|t| t.elapsed() >= kernel_every) {
                     kernel_at = Some(Instant::now());
                     kernel_pid = current_holder(&lock).map(|h| h.pid);
                 }
@@ -421,18 +447,18 @@ fn watch(db: &Path, every: Duration, duration: Option<f64>) -> ExitCode {
                 // replaced by the next holder before its entry was read.
                 if since.is_none() {
                     println!(
-                        "{} free  pid {pid} held it {} ms",
+                        "{} free  pid {pid} held it {} ms {FROM_KERNEL}",
                         clock(),
                         fmt_ms(t0.elapsed())
                     );
                 }
                 current = now.map(|(pid, since)| {
-                    held(pid, since.map_or_else(clock, clock_at));
+                    held(pid, since);
                     (pid, since, Instant::now())
                 });
             }
             (None, Some((pid, since))) => {
-                held(pid, since.map_or_else(clock, clock_at));
+                held(pid, since);
                 current = Some((pid, since, Instant::now()));
             }
             (None, None) => {}

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use writelock_tests::{
-    cli_path, create_table, lock_path, open, proc_locks_on, tempdir, wait_until, FlockHolder, Mode,
-    Shell,
+    cli_path, create_table, lock_path, open, outside_flock_free, proc_locks_on, tempdir,
+    wait_until, FlockHolder, Mode, Shell,
 };
 
 fn status_json(db: &Path) -> Value {
@@ -449,4 +449,120 @@ fn watch_says_how_it_sees_a_flock_holder() {
         .collect();
     assert!(!mine.is_empty(), "{rest}");
     assert!(mine.iter().all(|l| !l.contains("/proc/locks")), "{rest}");
+}
+
+// ---- run: the kernel's queue, --timeout, -o --------------------------------------
+
+/// `run` waits in flock(2) like flock(1): a blocked `->` waiter in
+/// /proc/locks that `status` lists, woken when the holder lets go, with no
+/// polling. With --timeout it gives up after about that long, exit 75.
+#[test]
+fn run_waits_in_the_kernels_queue_and_times_out() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    let lock = lock_path(&db);
+    let holder = FlockHolder::hold(&lock);
+    let mut run = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--", "true"])
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    wait_until("run is a blocked flock waiter", || {
+        blocked_in_flock(&lock, pid)
+    });
+    let v = status_json(&db);
+    assert!(
+        v["waiters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["pid"] == pid && w["how"] == "flock"),
+        "{v}"
+    );
+    holder.release();
+    assert_eq!(exits(&mut run), Some(0));
+
+    let holder = FlockHolder::hold(&lock);
+    let t0 = Instant::now();
+    let mut run = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--timeout", "0.5", "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    wait_until("run --timeout is a blocked flock waiter", || {
+        blocked_in_flock(&lock, pid) || t0.elapsed() > Duration::from_millis(400)
+    });
+    assert!(blocked_in_flock(&lock, pid), "{:?}", proc_locks_on(&lock));
+    assert_eq!(exits(&mut run), Some(75));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("not free within 0.5s"), "{err}");
+    holder.release();
+}
+
+/// Start `writelock run [-o] DB -- sh -c '<daemon> & echo $!'`: the command
+/// leaves a `sleep 30` running and exits 0. The daemon's pid.
+fn run_leaving_a_daemon(db: &Path, close: bool) -> u32 {
+    let mut cmd = Command::new(cli_path());
+    cmd.arg("run");
+    if close {
+        cmd.arg("-o");
+    }
+    let out = cmd
+        .arg(db)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "sleep 30 </dev/null >/dev/null 2>&1 & echo $!",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Without -o the command's children inherit the locked descriptor, as
+/// under flock(1): a daemon the command leaves running keeps the lock after
+/// `run` exits. With -o (as flock -o) it does not: the lock is free the
+/// moment the command exits, while the daemon lives on.
+#[test]
+fn run_o_keeps_the_lock_from_a_daemon_the_command_leaves() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let kill = |pid: u32| {
+        Command::new("kill").arg(pid.to_string()).status().unwrap();
+    };
+
+    let daemon = run_leaving_a_daemon(&db, false);
+    assert!(alive(daemon));
+    assert!(
+        !outside_flock_free(&db),
+        "without -o the daemon keeps the lock"
+    );
+    kill(daemon);
+    wait_until("the lock is free once the daemon is gone", || {
+        outside_flock_free(&db)
+    });
+
+    let daemon = run_leaving_a_daemon(&db, true);
+    assert!(alive(daemon), "the daemon outlives the command");
+    assert!(
+        outside_flock_free(&db),
+        "with -o the lock is free when the command exits"
+    );
+    kill(daemon);
 }

@@ -2,18 +2,22 @@
 //!
 //! ```text
 //! writelock status DB [--json]          who holds DB's write lock, since when
-//! writelock run DB [--timeout S] -- CMD run CMD while holding the write lock
+//! writelock run DB [--timeout S] [-o] -- CMD  run CMD holding the write lock
 //! writelock watch DB [--for S]          print holder changes and hold times
 //! ```
 //! Exit codes are listed in `--help` (and the README).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use nix::libc;
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
-use writelock_core::lockfile::{kind_of, lock_path_for, resolve_db_path, LockFile, Opener};
+use writelock_core::lockfile::{
+    kind_of, lock_path_for, resolve_db_path, LockError, LockFile, Opener,
+};
 use writelock_core::page::{flags::RELEASING, mono_ns, now_ms, peek, RING};
 
 const EXIT_HELP: &str = "\
@@ -66,12 +70,27 @@ enum Cmd {
     },
     /// Run a command while holding DB's write lock (no connection using the
     /// extension writes meanwhile): backups, file copies, migrations.
+    ///
+    /// The command inherits the locked descriptor, as under flock(1): its own
+    /// connections of the extension borrow the lock. The lock is let go by
+    /// closing the descriptor when the command exits, so a process the
+    /// command leaves running keeps it until that process exits (use -o to
+    /// prevent that). Exits with the command's own status.
     Run {
         /// The database file.
         db: PathBuf,
-        /// Give up after this many seconds (default: wait as long as it takes).
+        /// Give up after this many seconds (default: wait as long as it
+        /// takes). The wait is in flock(2), in the kernel's queue, as
+        /// flock(1)'s: status and /proc/locks list it as a waiter.
         #[arg(long, value_name = "SECS", value_parser = seconds)]
         timeout: Option<f64>,
+        /// Keep the locked descriptor from the command (as flock -o): a
+        /// process the command starts and leaves running (a daemon) then
+        /// does not keep the lock once the command exits. The command's own
+        /// connections of the extension cannot borrow the lock then: they
+        /// wait for writelock run like any other writer.
+        #[arg(short = 'o', long)]
+        close: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -111,8 +130,9 @@ fn main() -> ExitCode {
         Cmd::Run {
             db,
             timeout,
+            close,
             command,
-        } => run(&db, timeout, &command),
+        } => run(&db, timeout, close, &command),
         Cmd::Watch {
             db,
             interval_ms,
@@ -271,7 +291,7 @@ fn waiters(lock: &Path, flock_waiters: Vec<u32>) -> Vec<Waiter> {
         .collect()
 }
 
-fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
+fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> ExitCode {
     // The connections lock <resolved path>.lock: so must we.
     let real = resolve_db_path(db).unwrap_or_else(|_| db.to_path_buf());
     let mut lock = match LockFile::open_as(&real, Opener::Tool) {
@@ -281,17 +301,9 @@ fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
             return ExitCode::from(73);
         }
     };
-    let deadline = timeout.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    loop {
-        match lock.try_lock() {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(73);
-            }
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+    match take_within(&mut lock, timeout) {
+        Ok(true) => {}
+        Ok(false) => {
             let who = current_holder(lock.path())
                 .map(|h| {
                     format!(
@@ -308,14 +320,25 @@ fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
             );
             return ExitCode::from(75);
         }
-        std::thread::sleep(Duration::from_millis(5));
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(73);
+        }
     }
-    // The command inherits the locked descriptor, as under flock(1): a
-    // connection of its own then borrows the lock instead of waiting for us.
-    if let Err(e) = lock.inherit_to_children() {
-        eprintln!("writelock: {e}");
+    // Without --close the command inherits the locked descriptor, as under
+    // flock(1): a connection of its own then borrows the lock instead of
+    // waiting for us, and a process it leaves running keeps the lock until
+    // that process exits. With --close (flock -o) the descriptor is
+    // close-on-exec, as it was opened: only this process holds the lock.
+    if !close {
+        if let Err(e) = lock.inherit_to_children() {
+            eprintln!("writelock: {e}");
+        }
     }
     let status = Command::new(&command[0]).args(&command[1..]).status();
+    // Let go by closing, as flock(1) does: a copy the command's children
+    // still have keeps the lock; with none, it is free at once.
+    lock.close();
     match status {
         Ok(st) => {
             use std::os::unix::process::ExitStatusExt;
@@ -329,6 +352,78 @@ fn run(db: &Path, timeout: Option<f64>, command: &[String]) -> ExitCode {
             } else {
                 126
             })
+        }
+    }
+}
+
+/// Set by the timer thread of [`take_within`] once the timeout has passed.
+static TIMED_OUT: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_alarm(_: libc::c_int) {}
+
+/// Take the lock for `run`, waiting in flock(2) in the kernel's queue (a
+/// `->` waiter in /proc/locks, woken by the kernel, as flock(1) is), for at
+/// most `timeout` seconds: `Ok(false)` when it ran out.
+///
+/// The timeout is a thread that, once it has passed, sends SIGALRM to this
+/// thread, whose handler (installed without SA_RESTART) does nothing but
+/// make flock(2) fail with EINTR. It repeats every 10 ms until the wait has
+/// ended: a signal that lands just before the wait enters flock(2) would
+/// otherwise be lost.
+fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockError> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let Some(secs) = timeout else {
+        return take_blocking(lock);
+    };
+    if secs == 0.0 {
+        return lock.try_lock();
+    }
+    let act = SigAction::new(
+        SigHandler::Handler(on_alarm),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing (async-signal-safe), and nothing else
+    // in this program handles SIGALRM.
+    if let Err(e) = unsafe { sigaction(Signal::SIGALRM, &act) } {
+        eprintln!("writelock: cannot set up --timeout: {e}");
+        return Ok(false);
+    }
+    let me = nix::sys::pthread::pthread_self();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let limit = Duration::from_secs_f64(secs);
+    let timer = std::thread::spawn(move || {
+        use std::sync::mpsc::RecvTimeoutError::Timeout;
+        if wait.recv_timeout(limit) != Err(Timeout) {
+            return;
+        }
+        TIMED_OUT.store(true, Ordering::SeqCst);
+        loop {
+            let _ = nix::sys::pthread::pthread_kill(me, Signal::SIGALRM);
+            if wait.recv_timeout(Duration::from_millis(10)) != Err(Timeout) {
+                return;
+            }
+        }
+    });
+    let taken = take_blocking(lock);
+    drop(done);
+    let _ = timer.join();
+    taken
+}
+
+/// [`LockFile::lock_blocking`] until taken or [`TIMED_OUT`].
+fn take_blocking(lock: &mut LockFile) -> Result<bool, LockError> {
+    loop {
+        if TIMED_OUT.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if lock.lock_blocking()? {
+            return Ok(true);
+        }
+        if !TIMED_OUT.load(Ordering::SeqCst) {
+            // Not a timeout: a holder of a deleted or replaced lock file is
+            // still in its transaction (rare). Try again after a pause.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

@@ -566,3 +566,123 @@ fn run_o_keeps_the_lock_from_a_daemon_the_command_leaves() {
     );
     kill(daemon);
 }
+
+// ---- ps ------------------------------------------------------------------------------
+
+/// `writelock ps DB --json`: (exit code, the object).
+fn ps_json(db: &Path) -> (Option<i32>, Value) {
+    let (code, out, err) = cli(&["ps", "--json"], db);
+    (
+        code,
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}")),
+    )
+}
+
+/// The entry of `pid` in `ps --json`'s processes.
+fn ps_entry(v: &Value, pid: u32) -> Option<&Value> {
+    v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+}
+
+/// A python process that opened `db` with `open(db, 'rb')` (O_RDONLY) and
+/// keeps it open until its stdin closes.
+fn python_reader(db: &Path) -> Child {
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); sys.stdin.read()",
+        ])
+        .arg(db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "open");
+    child
+}
+
+/// `ps` tells a sqlite3 shell with the extension loaded (protected: a
+/// marked descriptor on the lock file per connection) from a stock one (NOT
+/// PROTECTED, exit 1), and lists a python `open(db, 'rb')` apart as
+/// read-only. The same shell, the same database: only the extension differs.
+#[test]
+fn ps_tells_protected_openers_from_stock_ones_and_readers() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "wal");
+
+    // Nobody has it open.
+    let (code, v) = ps_json(&db);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["processes"], serde_json::json!([]), "{v}");
+    assert!(v["not_inspectable"].as_u64().is_some(), "{v}");
+
+    for mode in Mode::BOTH {
+        let mut sh = Shell::start(&db, mode);
+        sh.run("SELECT count(*) FROM t;");
+        let (code, v) = ps_json(&db);
+        let e = ps_entry(&v, sh.pid()).unwrap_or_else(|| panic!("{mode:?}: {v}"));
+        assert_eq!(e["read_only"], false, "{e}");
+        assert_eq!(e["db_fds_writable"], 1, "{e}");
+        let (c, text, _) = cli(&["ps"], &db);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("pid {} ", sh.pid())))
+            .unwrap_or_else(|| panic!("{text}"));
+        match mode {
+            Mode::Writelock => {
+                assert_eq!(code, Some(0), "{v}");
+                assert_eq!(
+                    (e["protected"].clone(), e["marker_fds"].clone()),
+                    (true.into(), 1.into()),
+                    "{e}"
+                );
+                assert!(line.contains(" protected "), "{line}");
+            }
+            Mode::Stock => {
+                assert_eq!(code, Some(1), "{v}");
+                assert_eq!(
+                    (e["protected"].clone(), e["marker_fds"].clone()),
+                    (false.into(), 0.into()),
+                    "{e}"
+                );
+                assert!(line.contains(" NOT PROTECTED "), "{line}");
+            }
+        }
+        assert_eq!(c, code);
+        let last = text.lines().last().unwrap_or_default();
+        let (n, rest) = last.split_once(' ').unwrap_or_default();
+        assert!(
+            n.parse::<u32>().is_ok() && rest.starts_with("processes not inspectable"),
+            "{text}"
+        );
+        sh.finish();
+    }
+
+    // A reader beside a protected writer: listed apart, not judged.
+    let mut sh = Shell::start(&db, Mode::Writelock);
+    sh.run("SELECT count(*) FROM t;");
+    let mut py = python_reader(&db);
+    let (code, v) = ps_json(&db);
+    assert_eq!(code, Some(0), "{v}");
+    let e = ps_entry(&v, py.id()).unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(e["read_only"], true, "{e}");
+    assert_eq!(e["protected"], Value::Null, "{e}");
+    assert_eq!(e["db_fds_read_only"], 1, "{e}");
+    let (_, text, _) = cli(&["ps"], &db);
+    let (writers, readers) = text
+        .split_once("read-only (")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(writers.contains(&format!("pid {} ", sh.pid())), "{text}");
+    assert!(readers.contains(&format!("pid {} ", py.id())), "{text}");
+    drop(py.stdin.take());
+    py.wait().unwrap();
+    sh.finish();
+}

@@ -3,6 +3,7 @@
 //! ```text
 //! writelock status DB [--json]          who holds DB's write lock, since when
 //! writelock run DB [--timeout S] [-o] -- CMD  run CMD holding the write lock
+//! writelock ps DB [--json]            which processes have DB open, protected or not
 //! writelock watch DB [--for S]          print holder changes and hold times
 //! ```
 //! Exit codes are listed in `--help` (and the README).
@@ -13,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+mod ps;
 use nix::libc;
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
 use writelock_core::lockfile::{
@@ -95,6 +98,27 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// List every process that has DB open, and whether its connections are
+    /// protected: made by the extension.
+    ///
+    /// Each process with DB open for writing is "protected" when it has, for
+    /// each writable descriptor on DB, a descriptor on DB.lock marked as the
+    /// extension's (an OFD read lock on the marker byte, as /proc/PID/fdinfo
+    /// shows it): one per connection. Else "NOT PROTECTED": a stock SQLite
+    /// connection, which writes without the write lock. Processes that
+    /// opened DB read-only (O_RDONLY) cannot write and are listed apart. The
+    /// last line counts processes whose descriptors may not be read (other
+    /// users' processes, unless run as root): they are not judged. Exit 1
+    /// if any writable opener is not protected, else 0.
+    Ps {
+        /// The database file.
+        db: PathBuf,
+        /// Print one JSON object: db, lock_file, processes [{pid, cmdline,
+        /// read_only, protected, db_fds_writable, db_fds_read_only,
+        /// marker_fds, holds_lock}], not_inspectable.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every change of holder and each hold's duration until
     /// interrupted (or for --for seconds).
     ///
@@ -133,6 +157,10 @@ fn main() -> ExitCode {
             close,
             command,
         } => run(&db, timeout, close, &command),
+        Cmd::Ps { db, json } => match lock_file_of(&db) {
+            Ok((real, lock, _)) => ps::report(&real, &lock, json),
+            Err(Fail(code)) => ExitCode::from(code),
+        },
         Cmd::Watch {
             db,
             interval_ms,

@@ -6,7 +6,7 @@
 //! writelock ps DB [--json]            which processes have DB open, protected or not
 //! writelock watch DB [--for S]          print holder changes and hold times
 //! ```
-//! Exit codes are listed in `--help` (and the README).
+//! Exit codes: [`exit::EXIT_CODES`], printed by `--help` and in docs/cli.md.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+mod exit;
 mod ps;
 use nix::libc;
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
@@ -23,26 +24,20 @@ use writelock_core::lockfile::{
 };
 use writelock_core::page::{flags::RELEASING, mono_ns, now_ms, peek, RING};
 
-const EXIT_HELP: &str = "\
-The lock file is <resolved database path>.lock: symlinks are resolved as
-SQLite resolves them before it opens the database.
-
-Exit codes:
-  0     success (run: the command's own status is passed through)
-  1     status --exit-code: the lock is held
-  2     usage error
-  66    status, watch: the database does not exist (nothing is created)
-  73    the lock file cannot be used: not a regular file, or cannot be opened
-        or created (the message says why)
-  75    run: the lock was not free within --timeout
-  126   run: the command could not be executed
-  127   run: the command was not found
-  128+N run: the command was killed by signal N";
+/// After the verbs in `--help`: how the lock file is named, and
+/// [`exit::help`].
+fn after_help() -> String {
+    format!(
+        "The lock file is <resolved database path>.lock: symlinks are resolved as\n\
+         SQLite resolves them before it opens the database.\n\n{}",
+        exit::help()
+    )
+}
 
 /// See and use the write lock (`<db>.lock`) that sqlite-writelock connections
 /// hold while they write.
 #[derive(Parser)]
-#[command(version, about, after_help = EXIT_HELP)]
+#[command(version, about, after_help = after_help())]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -59,6 +54,7 @@ enum Cmd {
     /// first, "extension"), then processes blocked in flock(2) on the lock
     /// file in the kernel's queue ("flock": flock(1), writelock run, an
     /// application's own lock). Creates nothing.
+    #[command(after_help = exit::help_for("status"))]
     Status {
         /// The database file (its lock file is DB.lock).
         db: PathBuf,
@@ -79,6 +75,7 @@ enum Cmd {
     /// closing the descriptor when the command exits, so a process the
     /// command leaves running keeps it until that process exits (use -o to
     /// prevent that). Exits with the command's own status.
+    #[command(after_help = exit::help_for("run"))]
     Run {
         /// The database file.
         db: PathBuf,
@@ -110,6 +107,7 @@ enum Cmd {
     /// last line counts processes whose descriptors may not be read (other
     /// users' processes, unless run as root): they are not judged. Exit 1
     /// if any writable opener is not protected, else 0.
+    #[command(after_help = exit::help_for("ps"))]
     Ps {
         /// The database file.
         db: PathBuf,
@@ -131,6 +129,7 @@ enum Cmd {
     /// in the system), so such a hold shorter than that may be missed, and
     /// its times are those of the reads. Its lines end in "(seen in
     /// /proc/locks)".
+    #[command(after_help = exit::help_for("watch"))]
     Watch {
         /// The database file.
         db: PathBuf,
@@ -144,7 +143,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are "errors" on stdout.
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
     match cli.cmd {
         Cmd::Status {
             db,
@@ -189,7 +195,7 @@ struct Fail(u8);
 fn lock_file_of(db: &Path) -> Result<(PathBuf, PathBuf, bool), Fail> {
     let meta = std::fs::metadata(db).map_err(|e| {
         eprintln!("writelock: no database at {}: {e}", db.display());
-        Fail(66)
+        Fail(exit::NO_DB)
     })?;
     if !meta.file_type().is_file() {
         eprintln!(
@@ -197,11 +203,11 @@ fn lock_file_of(db: &Path) -> Result<(PathBuf, PathBuf, bool), Fail> {
             db.display(),
             kind_of(meta.file_type())
         );
-        return Err(Fail(66));
+        return Err(Fail(exit::NO_DB));
     }
     let real = resolve_db_path(db).map_err(|e| {
         eprintln!("writelock: cannot resolve {}: {e}", db.display());
-        Fail(66)
+        Fail(exit::NO_DB)
     })?;
     let lock = lock_path_for(&real);
     match std::fs::symlink_metadata(&lock) {
@@ -215,7 +221,7 @@ fn lock_file_of(db: &Path) -> Result<(PathBuf, PathBuf, bool), Fail> {
                 kind_of(m.file_type()),
                 real.display()
             );
-            Err(Fail(73))
+            Err(Fail(exit::LOCK_FILE))
         }
     }
 }
@@ -234,7 +240,7 @@ fn status(db: &Path, json: bool, exit_code: bool) -> ExitCode {
         .and_then(|h| h.held_for)
         .map(|d| d.as_millis() as u64);
     let code = if exit_code && h.is_some() {
-        ExitCode::from(1)
+        ExitCode::from(exit::FOUND)
     } else {
         ExitCode::SUCCESS
     };
@@ -326,7 +332,7 @@ fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> Exit
         Ok(l) => l,
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(73);
+            return ExitCode::from(exit::LOCK_FILE);
         }
     };
     match take_within(&mut lock, timeout) {
@@ -346,11 +352,11 @@ fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> Exit
                 lock.path().display(),
                 timeout.unwrap_or(0.0)
             );
-            return ExitCode::from(75);
+            return ExitCode::from(exit::TIMEOUT);
         }
         Err(e) => {
             eprintln!("{e}");
-            return ExitCode::from(73);
+            return ExitCode::from(exit::LOCK_FILE);
         }
     }
     // Without --close the command inherits the locked descriptor, as under
@@ -376,9 +382,9 @@ fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> Exit
         Err(e) => {
             eprintln!("writelock: cannot run {}: {e}", command[0]);
             ExitCode::from(if e.kind() == std::io::ErrorKind::NotFound {
-                127
+                exit::NOT_FOUND
             } else {
-                126
+                exit::CANNOT_EXEC
             })
         }
     }

@@ -151,7 +151,11 @@ pub fn report(db: &Path, lock: &Path, json: bool) -> ExitCode {
         .openers
         .iter()
         .any(|o| !o.read_only() && !o.protected());
-    let code = ExitCode::from(u8::from(unprotected));
+    let code = if unprotected {
+        ExitCode::from(crate::exit::FOUND)
+    } else {
+        ExitCode::SUCCESS
+    };
     if json {
         let v = serde_json::json!({
             "db": db.to_string_lossy(),

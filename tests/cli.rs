@@ -4,10 +4,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use writelock_tests::{cli_path, create_table, lock_path, open, tempdir, FlockHolder, Mode, Shell};
+use writelock_tests::{
+    cli_path, create_table, lock_path, open, outside_flock_free, proc_locks_on, tempdir,
+    wait_until, FlockHolder, Mode, Shell,
+};
 
 fn status_json(db: &Path) -> Value {
     let out = Command::new(cli_path())
@@ -235,4 +239,450 @@ fn watch_misses_no_short_hold() {
             Mode::Stock => assert_eq!(frees, 0, "{rest}"),
         }
     }
+}
+
+/// `writelock VERB ARGS… DB`: (exit code, stdout, stderr).
+fn cli(args: &[&str], db: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(cli_path())
+        .args(args)
+        .arg(db)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether `pid` sleeps in `nanosleep` now, as SQLite's busy handler does
+/// between two polls (`/proc/PID/wchan`; true where the kernel does not say).
+fn sleeps_in_busy_handler(pid: u32) -> bool {
+    let w = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+    w.contains("nanosleep") || w.trim().is_empty() || w.trim() == "0"
+}
+
+/// Whether `pid` is a blocked `flock` waiter (`->`) on `file` in /proc/locks.
+fn blocked_in_flock(file: &Path, pid: u32) -> bool {
+    proc_locks_on(file).iter().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"->") && f.contains(&pid.to_string().as_str())
+    })
+}
+
+/// Wait at most 10 s for `child` to exit: its exit code.
+fn exits(child: &mut Child) -> Option<i32> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ---- status --exit-code ----------------------------------------------------------
+
+/// `status --exit-code` exits 1 while a writer holds the lock and 0 when it
+/// is free; plain `status` exits 0 either way, and the other codes stay.
+/// A stock writer in its transaction holds no lock: 0.
+#[test]
+fn status_exit_code_says_whether_the_lock_is_held() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "wal");
+        let mut sh = Shell::start(&db, mode);
+        sh.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+        let held = if mode == Mode::Writelock { 1 } else { 0 };
+        assert_eq!(
+            cli(&["status", "--exit-code"], &db).0,
+            Some(held),
+            "{mode:?}"
+        );
+        let (code, out, _) = cli(&["status", "--json", "--exit-code"], &db);
+        assert_eq!(code, Some(held), "{mode:?}: {out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["held"], held == 1, "{v}");
+        assert_eq!(cli(&["status"], &db).0, Some(0), "{mode:?}: plain status");
+        sh.run("COMMIT;");
+        assert_eq!(cli(&["status", "--exit-code"], &db).0, Some(0), "{mode:?}");
+        sh.finish();
+    }
+    let dir = tempdir();
+    let missing = dir.path().join("missing.db");
+    assert_eq!(cli(&["status", "--exit-code"], &missing).0, Some(66));
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    std::fs::create_dir(lock_path(&db)).unwrap();
+    assert_eq!(cli(&["status", "--exit-code"], &db).0, Some(73));
+}
+
+// ---- status: waiters ---------------------------------------------------------------
+
+/// While a writer holds the lock, `status` lists a queued writer of the
+/// extension (how "extension", with how long it has waited) and a blocked
+/// `flock(1)` (how "flock", in the kernel's queue), each with pid and
+/// command line, in text and JSON. Without the extension nothing queues: the
+/// stock writer polls in SQLite's busy handler, and flock(1) is not blocked.
+#[test]
+fn status_lists_queued_writers_and_blocked_flocks() {
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "wal");
+        std::fs::File::create(lock_path(&db)).unwrap();
+        let mut holder = Shell::start(&db, mode);
+        holder.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+        let mut queued = Shell::start(&db, mode);
+        queued.run(".timeout 20000");
+        queued.submit("INSERT INTO t VALUES (2);");
+        let mut flock = Command::new("flock")
+            .arg("-x")
+            .arg(lock_path(&db))
+            .arg("true")
+            .spawn()
+            .unwrap();
+        match mode {
+            Mode::Writelock => {
+                wait_until("two waiters", || {
+                    status_json(&db)["waiters"].as_array().unwrap().len() == 2
+                });
+                let v = status_json(&db);
+                let w = &v["waiters"];
+                assert_eq!(v["holder_pid"], holder.pid(), "{v}");
+                assert_eq!(w[0]["pid"], queued.pid(), "{v}");
+                assert_eq!(w[0]["how"], "extension", "{v}");
+                assert!(
+                    w[0]["cmdline"].as_str().unwrap().starts_with("sqlite3"),
+                    "{v}"
+                );
+                assert!(w[0]["waiting_ms"].as_u64().is_some(), "{v}");
+                assert_eq!(w[1]["pid"], flock.id(), "{v}");
+                assert_eq!(w[1]["how"], "flock", "{v}");
+                assert!(
+                    w[1]["cmdline"].as_str().unwrap().starts_with("flock -x"),
+                    "{v}"
+                );
+                assert_eq!(w[1]["waiting_ms"], Value::Null, "{v}");
+                assert!(blocked_in_flock(&lock_path(&db), flock.id()));
+                let (_, text, _) = cli(&["status"], &db);
+                let ext = format!("waiting:   pid {} (sqlite3", queued.pid());
+                let fl = format!("pid {} (flock -x ", flock.id());
+                assert!(text.contains(&ext), "{text}");
+                assert!(text.contains(&fl) && text.contains("[flock]"), "{text}");
+                holder.run("COMMIT;");
+                assert_eq!(queued.collect(), "", "the queued writer wrote");
+                assert_eq!(exits(&mut flock), Some(0));
+            }
+            Mode::Stock => {
+                assert_eq!(exits(&mut flock), Some(0), "flock(1) was not blocked");
+                wait_until("the stock writer polls", || {
+                    sleeps_in_busy_handler(queued.pid())
+                });
+                let v = status_json(&db);
+                assert_eq!(v["held"], false, "{v}");
+                assert_eq!(v["waiters"], serde_json::json!([]), "{v}");
+                holder.run("COMMIT;");
+                assert_eq!(queued.collect(), "");
+            }
+        }
+        assert_eq!(status_json(&db)["waiters"], serde_json::json!([]));
+        holder.finish();
+        queued.finish();
+    }
+}
+
+// ---- watch: holders without a record -----------------------------------------------
+
+/// `watch` says how it sees holders that leave no record on the shared page
+/// (`flock(1)`): from /proc/locks, every 100 ms. Their lines say so; an
+/// extension writer's hold afterwards is read from the ring, without.
+#[test]
+fn watch_says_how_it_sees_a_flock_holder() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "wal");
+    std::fs::File::create(lock_path(&db)).unwrap();
+    drop(open(&db, Mode::Writelock));
+    let mut watch = Command::new(cli_path())
+        .arg("watch")
+        .arg(&db)
+        .args(["--for", "2", "--interval-ms", "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(watch.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("watching") && line.contains("/proc/locks every 100 ms"),
+        "{line}"
+    );
+    let holder = FlockHolder::hold(&lock_path(&db));
+    let mut held = String::new();
+    out.read_line(&mut held).unwrap();
+    assert!(
+        held.contains("held  by pid")
+            && held.contains("(flock -x ")
+            && held.contains("(seen in /proc/locks)"),
+        "{held}"
+    );
+    holder.release();
+    let mut free = String::new();
+    out.read_line(&mut free).unwrap();
+    assert!(
+        free.contains("free  pid") && free.ends_with("(seen in /proc/locks)\n"),
+        "{free}"
+    );
+    let mut sh = Shell::start(&db, Mode::Writelock);
+    sh.run("INSERT INTO t VALUES (1);");
+    let pid = sh.pid();
+    sh.finish();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(watch.wait().unwrap().success());
+    let mine: Vec<&str> = rest
+        .lines()
+        .filter(|l| l.contains(&format!("pid {pid} ")))
+        .collect();
+    assert!(!mine.is_empty(), "{rest}");
+    assert!(mine.iter().all(|l| !l.contains("/proc/locks")), "{rest}");
+}
+
+// ---- run: the kernel's queue, --timeout, -o --------------------------------------
+
+/// `run` waits in flock(2) like flock(1): a blocked `->` waiter in
+/// /proc/locks that `status` lists, woken when the holder lets go, with no
+/// polling. With --timeout it gives up after about that long, exit 75.
+#[test]
+fn run_waits_in_the_kernels_queue_and_times_out() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    let lock = lock_path(&db);
+    let holder = FlockHolder::hold(&lock);
+    let mut run = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--", "true"])
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    wait_until("run is a blocked flock waiter", || {
+        blocked_in_flock(&lock, pid)
+    });
+    let v = status_json(&db);
+    assert!(
+        v["waiters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["pid"] == pid && w["how"] == "flock"),
+        "{v}"
+    );
+    holder.release();
+    assert_eq!(exits(&mut run), Some(0));
+
+    let holder = FlockHolder::hold(&lock);
+    let t0 = Instant::now();
+    let mut run = Command::new(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--timeout", "0.5", "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    wait_until("run --timeout is a blocked flock waiter", || {
+        blocked_in_flock(&lock, pid) || t0.elapsed() > Duration::from_millis(400)
+    });
+    assert!(blocked_in_flock(&lock, pid), "{:?}", proc_locks_on(&lock));
+    assert_eq!(exits(&mut run), Some(75));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("not free within 0.5s"), "{err}");
+    holder.release();
+}
+
+/// Start `writelock run [-o] DB -- sh -c '<daemon> & echo $!'`: the command
+/// leaves a `sleep 30` running and exits 0. The daemon's pid.
+fn run_leaving_a_daemon(db: &Path, close: bool) -> u32 {
+    let mut cmd = Command::new(cli_path());
+    cmd.arg("run");
+    if close {
+        cmd.arg("-o");
+    }
+    let out = cmd
+        .arg(db)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "sleep 30 </dev/null >/dev/null 2>&1 & echo $!",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Without -o the command's children inherit the locked descriptor, as
+/// under flock(1): a daemon the command leaves running keeps the lock after
+/// `run` exits. With -o (as flock -o) it does not: the lock is free the
+/// moment the command exits, while the daemon lives on.
+#[test]
+fn run_o_keeps_the_lock_from_a_daemon_the_command_leaves() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let kill = |pid: u32| {
+        Command::new("kill").arg(pid.to_string()).status().unwrap();
+    };
+
+    let daemon = run_leaving_a_daemon(&db, false);
+    assert!(alive(daemon));
+    assert!(
+        !outside_flock_free(&db),
+        "without -o the daemon keeps the lock"
+    );
+    kill(daemon);
+    wait_until("the lock is free once the daemon is gone", || {
+        outside_flock_free(&db)
+    });
+
+    let daemon = run_leaving_a_daemon(&db, true);
+    assert!(alive(daemon), "the daemon outlives the command");
+    assert!(
+        outside_flock_free(&db),
+        "with -o the lock is free when the command exits"
+    );
+    kill(daemon);
+}
+
+// ---- ps ------------------------------------------------------------------------------
+
+/// `writelock ps DB --json`: (exit code, the object).
+fn ps_json(db: &Path) -> (Option<i32>, Value) {
+    let (code, out, err) = cli(&["ps", "--json"], db);
+    (
+        code,
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}")),
+    )
+}
+
+/// The entry of `pid` in `ps --json`'s processes.
+fn ps_entry(v: &Value, pid: u32) -> Option<&Value> {
+    v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+}
+
+/// A python process that opened `db` with `open(db, 'rb')` (O_RDONLY) and
+/// keeps it open until its stdin closes.
+fn python_reader(db: &Path) -> Child {
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); sys.stdin.read()",
+        ])
+        .arg(db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "open");
+    child
+}
+
+/// `ps` tells a sqlite3 shell with the extension loaded (protected: a
+/// marked descriptor on the lock file per connection) from a stock one (NOT
+/// PROTECTED, exit 1), and lists a python `open(db, 'rb')` apart as
+/// read-only. The same shell, the same database: only the extension differs.
+#[test]
+fn ps_tells_protected_openers_from_stock_ones_and_readers() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "wal");
+
+    // Nobody has it open.
+    let (code, v) = ps_json(&db);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(v["processes"], serde_json::json!([]), "{v}");
+    assert!(v["not_inspectable"].as_u64().is_some(), "{v}");
+
+    for mode in Mode::BOTH {
+        let mut sh = Shell::start(&db, mode);
+        sh.run("SELECT count(*) FROM t;");
+        let (code, v) = ps_json(&db);
+        let e = ps_entry(&v, sh.pid()).unwrap_or_else(|| panic!("{mode:?}: {v}"));
+        assert_eq!(e["read_only"], false, "{e}");
+        assert_eq!(e["db_fds_writable"], 1, "{e}");
+        let (c, text, _) = cli(&["ps"], &db);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("pid {} ", sh.pid())))
+            .unwrap_or_else(|| panic!("{text}"));
+        match mode {
+            Mode::Writelock => {
+                assert_eq!(code, Some(0), "{v}");
+                assert_eq!(
+                    (e["protected"].clone(), e["marker_fds"].clone()),
+                    (true.into(), 1.into()),
+                    "{e}"
+                );
+                assert!(line.contains(" protected "), "{line}");
+            }
+            Mode::Stock => {
+                assert_eq!(code, Some(1), "{v}");
+                assert_eq!(
+                    (e["protected"].clone(), e["marker_fds"].clone()),
+                    (false.into(), 0.into()),
+                    "{e}"
+                );
+                assert!(line.contains(" NOT PROTECTED "), "{line}");
+            }
+        }
+        assert_eq!(c, code);
+        let last = text.lines().last().unwrap_or_default();
+        let (n, rest) = last.split_once(' ').unwrap_or_default();
+        assert!(
+            n.parse::<u32>().is_ok() && rest.starts_with("processes not inspectable"),
+            "{text}"
+        );
+        sh.finish();
+    }
+
+    // A reader beside a protected writer: listed apart, not judged.
+    let mut sh = Shell::start(&db, Mode::Writelock);
+    sh.run("SELECT count(*) FROM t;");
+    let mut py = python_reader(&db);
+    let (code, v) = ps_json(&db);
+    assert_eq!(code, Some(0), "{v}");
+    let e = ps_entry(&v, py.id()).unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(e["read_only"], true, "{e}");
+    assert_eq!(e["protected"], Value::Null, "{e}");
+    assert_eq!(e["db_fds_read_only"], 1, "{e}");
+    let (_, text, _) = cli(&["ps"], &db);
+    let (writers, readers) = text
+        .split_once("read-only (")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(writers.contains(&format!("pid {} ", sh.pid())), "{text}");
+    assert!(readers.contains(&format!("pid {} ", py.id())), "{text}");
+    drop(py.stdin.take());
+    py.wait().unwrap();
+    sh.finish();
 }

@@ -105,13 +105,43 @@ pub fn kernel_name(lock_path: &Path) -> Option<KernelName> {
         l_pid: 0,
     };
     nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).ok()?;
-    let text = std::fs::read_to_string("/proc/locks").ok()?;
-    // Closing `f` drops the probe lock.
+    // Closing `f` drops the probe lock. The probe's line is there: a read
+    // that lost it (see `read_proc_locks`) is repeated.
     let b = byte.to_string();
-    let name = lines(&text)
-        .find(|l| l.kind == "OFDLCK" && l.start == b && l.end == b)
-        .map(|l| KernelName(l.file.to_string()));
-    name
+    (0..3).find_map(|_| {
+        let text = read_proc_locks()?;
+        let name = lines(&text)
+            .find(|l| l.kind == "OFDLCK" && l.start == b && l.end == b)
+            .map(|l| KernelName(l.file.to_string()));
+        name
+    })
+}
+
+/// The text of `/proc/locks`, in as few `read()` calls as the kernel
+/// allows. The kernel restarts its walk of the lock list at each call, by
+/// position: a lock let go between two calls shifts the lines after it, and
+/// one of them is never returned. `read_to_string` starts with a 32-byte read
+/// and doubles, seven calls for a short table and as many chances to lose
+/// the holder's line; one large buffer makes it one call up to a page of
+/// lines (the most the kernel fills at once).
+pub fn read_proc_locks() -> Option<String> {
+    use std::io::Read;
+    let mut f = File::open("/proc/locks").ok()?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
 }
 
 /// What is known about the holder of a lock file right now.
@@ -195,7 +225,7 @@ pub fn holder_and_waiters(lock_path: &Path) -> Option<(Option<Holder>, Vec<u32>)
     let meta = std::fs::metadata(lock_path).ok()?;
     let file = (meta.dev(), meta.ino());
     let name = kernel_name(lock_path)?;
-    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let text = read_proc_locks()?;
     let waiters = ours(flock_waiters_in(&text, &name), file, false);
     let holder = ours(flock_holders_in(&text, &name), file, true)
         .first()

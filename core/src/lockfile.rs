@@ -326,6 +326,39 @@ pub struct Scan {
     pub application_open: bool,
 }
 
+/// What the `lock:` lines of a descriptor's `/proc/<pid>/fdinfo/<fd>` say
+/// about the open file description of a `<db>.lock`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FdLocks {
+    /// It holds the exclusive `flock` (`LOCK_EX`).
+    pub flock: bool,
+    /// It is the extension's: it holds the OFD read lock on
+    /// [`MARKER_BYTE`] that every descriptor of the extension holds for life.
+    pub marked: bool,
+}
+
+/// Parse the `lock:` lines of an fdinfo text (any process's: tools read
+/// other processes' with the same rule the extension applies to its own).
+pub fn fd_locks(fdinfo: &str) -> FdLocks {
+    let mut found = FdLocks::default();
+    let m = MARKER_BYTE.to_string();
+    for l in fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // "1: FLOCK ADVISORY WRITE pid dev:ino 0 EOF"
+        // "2: OFDLCK ADVISORY READ -1 dev:ino 2 2"
+        match f.get(1..4) {
+            Some(["FLOCK", _, "WRITE"]) => found.flock = true,
+            Some(["OFDLCK", _, _])
+                if f.get(6) == Some(&m.as_str()) && f.get(7) == Some(&m.as_str()) =>
+            {
+                found.marked = true
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
 /// Look through `/proc/self/fd` for descriptors on the file `key` whose open
 /// file description holds `LOCK_EX`, telling the extension's (marked with a
 /// read lock on [`MARKER_BYTE`]) from the application's. Descriptors in
@@ -349,26 +382,11 @@ pub fn scan(key: (u64, u64), skip: &std::collections::HashSet<RawFd>) -> Scan {
         let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
             continue;
         };
-        let (mut flock, mut marked) = (false, false);
-        for l in info.lines().filter_map(|l| l.strip_prefix("lock:")) {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            // "1: FLOCK ADVISORY WRITE pid dev:ino 0 EOF"
-            // "2: OFDLCK ADVISORY READ -1 dev:ino 2 2"
-            match f.get(1..4) {
-                Some(["FLOCK", _, "WRITE"]) => flock = true,
-                Some(["OFDLCK", _, _]) => {
-                    let m = MARKER_BYTE.to_string();
-                    if f.get(6) == Some(&m.as_str()) && f.get(7) == Some(&m.as_str()) {
-                        marked = true;
-                    }
-                }
-                _ => {}
-            }
-        }
-        if marked {
-            found.extension_holds |= flock;
+        let l = fd_locks(&info);
+        if l.marked {
+            found.extension_holds |= l.flock;
         } else {
-            found.application_holds |= flock;
+            found.application_holds |= l.flock;
             seen_app = true;
         }
     }
@@ -677,11 +695,33 @@ impl LockFile {
     /// the handle *borrows* that lock instead of waiting for itself (see
     /// [`Self::borrow`]).
     pub fn try_lock(&mut self) -> Result<bool, LockError> {
+        self.take(false)
+    }
+
+    /// Take `LOCK_EX` for a tool, waiting for it in the kernel's queue as
+    /// `flock(1)` does: while it waits, `/proc/locks` lists it as a blocked
+    /// (`->`) waiter, and the kernel wakes it when the holder lets go, with
+    /// no polling. `Ok(true)` taken (or already held by this handle);
+    /// `Ok(false)` not taken: a signal interrupted the wait (`EINTR`: how a
+    /// caller's timeout ends it), or a holder of a deleted or replaced lock
+    /// file is still in its transaction (rare: the caller tries again after
+    /// a pause).
+    ///
+    /// Like `flock(1)` and an application's own lock, it is not bound by a
+    /// hand-off reserved for the extension's oldest waiter (see
+    /// [`crate::wait::policy`]). It never borrows, and it sets the holder
+    /// record and writes the ring like any holder.
+    pub fn lock_blocking(&mut self) -> Result<bool, LockError> {
+        self.take(true)
+    }
+
+    /// [`Self::try_lock`] (`block` false) or [`Self::lock_blocking`].
+    fn take(&mut self, block: bool) -> Result<bool, LockError> {
         self.check_pid()?;
         if self.hold != Hold::No {
             return Ok(true);
         }
-        if let Some(p) = &self.page {
+        if let Some(p) = self.page.as_ref().filter(|_| !block) {
             if !p.may_take(self.queue_slot) && p.application_fds() == Some(false) {
                 // Reserved for the oldest waiter, and this process has no
                 // lock of its own to borrow: not even a try (a try that
@@ -691,8 +731,13 @@ impl LockFile {
             }
         }
         let (mut reopens, mut spins) = (0, 0);
+        let op = if block {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_EX | libc::LOCK_NB
+        };
         loop {
-            match sys::flock(self.file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+            match sys::flock(self.file.as_raw_fd(), op) {
                 Ok(()) => {
                     if self.split_holder() {
                         // A live holder of the deleted or replaced lock file
@@ -702,7 +747,7 @@ impl LockFile {
                         return Ok(false);
                     }
                     if let Some(p) = &self.page {
-                        if !p.may_take(self.queue_slot) {
+                        if !block && !p.may_take(self.queue_slot) {
                             // Reserved for the oldest waiter: not ours to take.
                             let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
                             self.counters.yields += 1;
@@ -864,6 +909,43 @@ impl LockFile {
         if let (Some(p), Some(w)) = (&self.page, marked) {
             p.clear_holder(w);
             p.wake_next(self.handoff_after.as_nanos() as u64);
+        }
+    }
+
+    /// Let go as `flock(1)` does when its command inherited the descriptor:
+    /// by closing it, not by `LOCK_UN`. The lock belongs to the open file
+    /// description, which the command's children may share: a process the
+    /// command left running (a daemon it started) keeps the lock until it
+    /// exits or closes its copy, and its own connections, which may be
+    /// borrowing the lock mid-transaction, are not robbed of it. With no
+    /// copy left, the close releases it at once. The holder record and the
+    /// ring are written as by [`Self::unlock`], and the oldest waiter is
+    /// woken after the close.
+    pub fn close(mut self) {
+        if self.check_pid().is_err() || self.hold != Hold::Own {
+            return; // dropped: unlocks as usual (or does nothing if forked)
+        }
+        self.hold = Hold::No;
+        let pid = process::pid();
+        let page = self.page.clone();
+        let handoff = self.handoff_after;
+        let mut marked = None;
+        if let Some(p) = &page {
+            if let Some((t0, start_ms)) = self.held_since.take() {
+                let f = if self.opener == Opener::Tool {
+                    flags::TOOL
+                } else {
+                    0
+                };
+                p.ring_push(pid, f, start_ms, t0.elapsed());
+            }
+            marked = Some(p.releasing(self.record));
+        }
+        // Holds nothing now as far as `Drop` knows: it only closes.
+        drop(self);
+        if let (Some(p), Some(w)) = (page, marked) {
+            p.clear_holder(w);
+            p.wake_next(handoff.as_nanos() as u64);
         }
     }
 
@@ -1041,6 +1123,48 @@ mod tests {
     }
 
     #[test]
+    fn a_tool_waits_in_the_kernels_queue_and_lets_go_by_closing() {
+        let db = tmp().join("w.db");
+        let mut a = LockFile::open(&db).unwrap();
+        assert!(a.try_lock().unwrap());
+        let name = crate::holder::kernel_name(&lock_path_for(&db)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let db2 = db.clone();
+        let t = std::thread::spawn(move || {
+            let mut b = LockFile::open_as(&db2, Opener::Tool).unwrap();
+            let taken = b.lock_blocking().unwrap();
+            tx.send(()).unwrap();
+            (b, taken)
+        });
+        // Blocked in flock(2): the kernel lists it as a waiter.
+        let t0 = std::time::Instant::now();
+        loop {
+            let text = crate::holder::read_proc_locks().unwrap();
+            if crate::holder::flock_waiters_in(&text, &name).contains(&process::pid()) {
+                break;
+            }
+            assert!(t0.elapsed().as_secs() < 10, "no blocked waiter:\n{text}");
+            std::thread::yield_now();
+        }
+        assert!(rx.try_recv().is_err(), "still waiting");
+        a.unlock();
+        let (b, taken) = t.join().unwrap();
+        assert!(taken && b.is_held());
+        let rec = b.page().unwrap().holder().unwrap();
+        assert_eq!(rec.flags & flags::TOOL, flags::TOOL, "{rec:?}");
+        assert!(a.held_elsewhere().unwrap());
+        b.close();
+        assert!(!a.held_elsewhere().unwrap(), "closed: nothing else had it");
+        let snap = crate::page::peek(&lock_path_for(&db)).unwrap();
+        assert_eq!(snap.holder, None, "the record is cleared");
+        let last = snap.recent.last().copied().unwrap();
+        assert!(
+            last.flags & flags::TOOL != 0 && last.pid == process::pid(),
+            "the tool's hold is in the ring: {last:?}"
+        );
+    }
+
+    #[test]
     fn new_lock_file_takes_the_database_mode_despite_umask() {
         use std::os::unix::fs::PermissionsExt;
         let db = tmp().join("m.db");
@@ -1124,6 +1248,31 @@ mod tests {
         let s = scan(a.key(), &none);
         assert!(!s.extension_holds && s.application_holds, "{s:?}");
         drop(app);
+    }
+
+    #[test]
+    fn fdinfo_lock_lines_tell_the_extensions_descriptors() {
+        let ours = "pos:\t0\nflags:\t02100002\nmnt_id:\t30\nino:\t77\n\
+                    lock:\t1: FLOCK  ADVISORY  WRITE 42 fd:01:77 0 EOF\n\
+                    lock:\t2: OFDLCK ADVISORY  READ  -1 fd:01:77 2 2\n";
+        assert_eq!(
+            fd_locks(ours),
+            FdLocks {
+                flock: true,
+                marked: true
+            }
+        );
+        let app = "flags:\t02\nlock:\t1: FLOCK  ADVISORY  WRITE 42 fd:01:77 0 EOF\n\
+                   lock:\t2: OFDLCK ADVISORY  READ  -1 fd:01:77 0 0\n";
+        assert_eq!(
+            fd_locks(app),
+            FdLocks {
+                flock: true,
+                marked: false
+            },
+            "a read lock on another byte is no marker"
+        );
+        assert_eq!(fd_locks("flags:\t02\n"), FdLocks::default());
     }
 
     #[test]

@@ -108,8 +108,10 @@ pub fn outside_flock_free(db: &Path) -> bool {
 pub fn proc_locks_on(file: &Path) -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata(file).unwrap().ino();
-    std::fs::read_to_string("/proc/locks")
-        .unwrap()
+    // One read where the kernel allows: a lock let go between two reads
+    // can hide another's line.
+    writelock_core::holder::read_proc_locks()
+        .expect("/proc/locks")
         .lines()
         .filter(|l| {
             l.split_whitespace()

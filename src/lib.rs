@@ -57,6 +57,15 @@ pub(crate) fn log_error(rc: c_int, msg: &str) {
     unsafe { ffi::sqlite3_log(rc, c"%s".as_ptr(), c.as_ptr()) }
 }
 
+/// A message a person must see: `logged` to SQLite's log, `shown` (longer:
+/// SQLite's log cuts a message at about 200 bytes) also to standard error
+/// when a terminal or a pipe reads it.
+#[cfg(feature = "loadable_extension")]
+pub(crate) fn tell_user(rc: c_int, logged: &str, shown: &str) {
+    log_error(rc, logged);
+    writelock_core::log::to_stderr_if_read(shown);
+}
+
 /// A copy of `msg` in memory from `sqlite3_malloc`, for SQLite to free
 /// (NULL if out of memory).
 pub(crate) fn sqlite_strdup(msg: &str) -> *mut c_char {
@@ -158,6 +167,47 @@ unsafe fn init_error(
     ffi::SQLITE_ERROR
 }
 
+/// The loading connection's databases that were opened before the
+/// extension was loaded (`sqlite3 -cmd '.load …' app.db` opens app.db
+/// first): nothing protects them, and nothing else would say so. Said
+/// through `sqlite3_log` and, where someone reads it, standard error.
+#[cfg(feature = "loadable_extension")]
+fn warn_opened_before_loading(files: Vec<(String, String)>) {
+    for (schema, file) in files {
+        let (logged, shown) = if schema == "main" {
+            (
+                format!(
+                    "writelock: {file} was opened before the extension was loaded: NOT \
+                     protected; open it again after loading (shell: .open it again)"
+                ),
+                format!(
+                    "writelock: WARNING: {file} was opened before the extension was loaded: \
+                     it is NOT protected, this connection writes it without the lock \
+                     (SELECT writelock_status() shows \"protected\": false).\n\
+                     writelock: load first, then open: sqlite3 -cmd '.load …/libwritelock' \
+                     -cmd '.open {file}' (not the database as the shell's first argument), or \
+                     .open {file} again now."
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "writelock: {file} (schema {schema}) was attached before the extension was \
+                     loaded: NOT protected; DETACH it and ATTACH it again"
+                ),
+                format!(
+                    "writelock: WARNING: {file} (schema {schema}) was attached before the \
+                     extension was loaded: it is NOT protected, this connection writes it \
+                     without the lock (SELECT writelock_status() shows \"protected\": false).\n\
+                     writelock: DETACH {schema} and ATTACH it again now that the extension is \
+                     loaded."
+                ),
+            )
+        };
+        tell_user(ffi::SQLITE_WARNING, &logged, &shown);
+    }
+}
+
 /// The extension entry point: `.load ./target/release/libwritelock`.
 ///
 /// Registers VFS `writelock` (default from now on), the auto-extension and the
@@ -203,6 +253,11 @@ pub unsafe extern "C" fn sqlite3_writelock_init(
             if rc != ffi::SQLITE_OK && rc != ffi::SQLITE_BUSY {
                 return rc;
             }
+            // Only said, never an error: an init that fails gets the library
+            // unloaded while the VFS it registered stays.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                warn_opened_before_loading(sql::unprotected_files(db))
+            }));
             ffi::SQLITE_OK_LOAD_PERMANENTLY
         }
     })

@@ -50,20 +50,39 @@ mod vfs;
 pub use sql::VERSION;
 pub use vfs::VFS_NAME;
 
-/// Write `msg` to SQLite's error log (`sqlite3_log`, `SQLITE_CONFIG_LOG`).
+/// Write `msg` to SQLite's error log (`sqlite3_log`, `SQLITE_CONFIG_LOG`)
+/// and to `WRITELOCK_LOG`'s target, if one is set.
 pub(crate) fn log_error(rc: c_int, msg: &str) {
+    sqlite_log(rc, msg);
+    writelock_core::log::write(&level(rc), msg);
+}
+
+fn sqlite_log(rc: c_int, msg: &str) {
     let c = std::ffi::CString::new(msg.replace('\0', "?")).unwrap_or_default();
     // SAFETY: "%s" with one NUL-terminated argument that outlives the call.
     unsafe { ffi::sqlite3_log(rc, c"%s".as_ptr(), c.as_ptr()) }
 }
 
-/// A message a person must see: `logged` to SQLite's log, `shown` (longer:
-/// SQLite's log cuts a message at about 200 bytes) also to standard error
-/// when a terminal or a pipe reads it.
-#[cfg(feature = "loadable_extension")]
+/// What kind of message a result code makes it, for `WRITELOCK_LOG`.
+fn level(rc: c_int) -> String {
+    match rc & 0xff {
+        ffi::SQLITE_WARNING => "warning".into(),
+        ffi::SQLITE_NOTICE => "notice".into(),
+        ffi::SQLITE_BUSY => "busy".into(),
+        _ => format!("error ({rc})"),
+    }
+}
+
+/// A message a person must see: `logged` to SQLite's log and
+/// `WRITELOCK_LOG`, `shown` (longer: SQLite's log cuts a message at about 200
+/// bytes) to standard error when a terminal or a pipe reads it — once, when
+/// `WRITELOCK_LOG=stderr` too.
 pub(crate) fn tell_user(rc: c_int, logged: &str, shown: &str) {
-    log_error(rc, logged);
-    writelock_core::log::to_stderr_if_read(shown);
+    sqlite_log(rc, logged);
+    let seen = writelock_core::log::to_stderr_if_read(shown);
+    if !(seen && writelock_core::log::goes_to_stderr()) {
+        writelock_core::log::write(&level(rc), logged);
+    }
 }
 
 /// A copy of `msg` in memory from `sqlite3_malloc`, for SQLite to free
@@ -114,6 +133,11 @@ impl std::error::Error for RegisterError {}
 /// `default-features = false`). Idempotent. Connections opened *before* the
 /// call are not protected.
 pub fn register() -> Result<(), RegisterError> {
+    // Once per process: a bad WRITELOCK_LOG is said, never an error (the
+    // extension works without it).
+    if let Err(msg) = writelock_core::log::init_from_env() {
+        tell_user(ffi::SQLITE_WARNING, &msg, &msg);
+    }
     vfs::register_vfs().map_err(|(rc, msg)| RegisterError(rc, msg))?;
     type AutoInit = unsafe extern "C" fn(
         *mut ffi::sqlite3,

@@ -277,8 +277,9 @@ pub unsafe extern "C" fn sqlite3_writelock_init(
             if rc != ffi::SQLITE_OK && rc != ffi::SQLITE_BUSY {
                 return rc;
             }
-            // Only said, never an error: an init that fails gets the library
-            // unloaded while the VFS it registered stays.
+            // Only said, never an error: the VFS is registered by now and
+            // protects every connection opened from here on; failing the load
+            // would take this connection's functions away and fix nothing.
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 warn_opened_before_loading(sql::unprotected_files(db))
             }));

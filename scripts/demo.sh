@@ -164,6 +164,7 @@ WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < $MISUSE_W
   INSERT INTO counters(worker, n) SELECT i, 0 FROM n;"
 
 MROWS=()   # table rows of part 2
+MNOTES=()  # the first integrity_check message of each damaged database
 DAMAGED=() # variants that showed damage
 
 # json_sum FIELD FILES...: the sum of a numeric field over the workers' JSON lines.
@@ -195,7 +196,8 @@ misuse_case() {  # misuse_case stock|appflock|writelock JOURNAL SEED
   integrity=$(sqlite3 "$db" 'PRAGMA integrity_check;' 2>&1 | grep -v '^\*\*\*' || true)
   nmsg=$(grep -c . <<<"$integrity" || true)
   if [[ $integrity != ok ]]; then
-    integrity="$(head -n1 <<<"$integrity" | cut -c1-32)… ($nmsg errors)"
+    MNOTES+=("$(printf '%-9s integrity_check: %s' "$mode" "$(head -n1 <<<"$integrity" | cut -c1-80)")")
+    integrity="NOT ok ($nmsg)"
   fi
   commits=$(json_sum commits "$dir"/writer.*.json)
   reads=$(json_sum commits "$dir"/reader.*.json)
@@ -229,7 +231,7 @@ misuse_case() {  # misuse_case stock|appflock|writelock JOURNAL SEED
     verdict=DAMAGED; DAMAGED+=("$mode")
   fi
   ((dead == 0)) || verdict+=" ($dead workers died or hung)"
-  MROWS+=("$(printf '%-9s %-7s %7s %6s  %-46s %6s %10s %8s  %s' "$mode" "$journal" "$commits" \
+  MROWS+=("$(printf '%-9s %-7s %7s %6s  %-12s %7s %9s %7s  %s' "$mode" "$journal" "$commits" \
     "$reads" "$integrity" "$lost" "$malformed" "$overlap" "$verdict")")
   if [[ $mode == writelock ]]; then
     [[ $integrity == ok ]] || FAIL+=("app bug, $journal: integrity_check: $integrity")
@@ -251,13 +253,17 @@ misuse_part() {
     for mode in stock appflock writelock; do misuse_case "$mode" "$journal" "$seed"; done
   done
   echo
-  printf '%-9s %-7s %7s %6s  %-46s %6s %10s %8s  %s\n' variant journal commits reads \
-    integrity_check lost "malformed" "writers" verdict
-  printf '%-9s %-7s %7s %6s  %-46s %6s %10s %8s  %s\n' "" "" "" "" "" updates "errors" "at once" ""
+  printf '%-9s %-7s %7s %6s  %-12s %7s %9s %7s  %s\n' variant journal commits reads \
+    integrity lost malformed writers verdict
+  printf '%-9s %-7s %7s %6s  %-12s %7s %9s %s\n' "" "" "" "" check updates errors "at once"
   printf '%s\n' "${MROWS[@]}"
+  ((${#MNOTES[@]} == 0)) || printf '%s\n' "${MNOTES[@]}"
   local hit=0
   [[ " ${DAMAGED[*]} " == *" stock "* ]] && hit=1
   cat <<EOF
+
+lost updates: commits a writer saw succeed that the database lacks (+? : a table was unreadable).
+malformed errors: 'database disk image is malformed' returned to the workers' queries.
 
 How to read it: in every process the app bug's close() dropped SQLite's POSIX locks on the file.
   stock      writers wrote at once (writers at once > 1), and a connection closing found no other

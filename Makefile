@@ -1,6 +1,7 @@
 # sqlite-writelock — `make demo` and `make test` are the two commands.
 #
-#   make demo      build, then show two writers with and without the extension
+#   make demo      build, then writers with and without the extension: under a flock(1)
+#                  job, and beside the close() that drops SQLite's locks (under a minute)
 #   make test      everything CI runs: unit, SQL scripts, processes, clients
 #   make lint      rustfmt and clippy on every package
 #   make torture   the torture and SIGKILL crash suites at length (not in CI)
@@ -17,7 +18,10 @@ build: FORCE
 	$(CARGO) build --release -p sqlite-writelock -p writelock-cli
 FORCE:
 
+# Part 2 of the demo runs the torture suite's worker (its own cargo invocation,
+# as the tests: it links a bundled SQLite).
 demo: build
+	$(CARGO) build --release -p writelock-tests --bin torture_worker
 	bash scripts/demo.sh
 
 test: build unit e2e

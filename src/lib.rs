@@ -50,11 +50,39 @@ mod vfs;
 pub use sql::VERSION;
 pub use vfs::VFS_NAME;
 
-/// Write `msg` to SQLite's error log (`sqlite3_log`, `SQLITE_CONFIG_LOG`).
+/// Write `msg` to SQLite's error log (`sqlite3_log`, `SQLITE_CONFIG_LOG`)
+/// and to `WRITELOCK_LOG`'s target, if one is set.
 pub(crate) fn log_error(rc: c_int, msg: &str) {
+    sqlite_log(rc, msg);
+    writelock_core::log::write(&level(rc), msg);
+}
+
+fn sqlite_log(rc: c_int, msg: &str) {
     let c = std::ffi::CString::new(msg.replace('\0', "?")).unwrap_or_default();
     // SAFETY: "%s" with one NUL-terminated argument that outlives the call.
     unsafe { ffi::sqlite3_log(rc, c"%s".as_ptr(), c.as_ptr()) }
+}
+
+/// What kind of message a result code makes it, for `WRITELOCK_LOG`.
+fn level(rc: c_int) -> String {
+    match rc & 0xff {
+        ffi::SQLITE_WARNING => "warning".into(),
+        ffi::SQLITE_NOTICE => "notice".into(),
+        ffi::SQLITE_BUSY => "busy".into(),
+        _ => format!("error ({rc})"),
+    }
+}
+
+/// A message a person must see: `logged` to SQLite's log and
+/// `WRITELOCK_LOG`, `shown` (longer: SQLite's log cuts a message at about 200
+/// bytes) to standard error when a terminal or a pipe reads it — once, when
+/// `WRITELOCK_LOG=stderr` too.
+pub(crate) fn tell_user(rc: c_int, logged: &str, shown: &str) {
+    sqlite_log(rc, logged);
+    let seen = writelock_core::log::to_stderr_if_read(shown);
+    if !(seen && writelock_core::log::goes_to_stderr()) {
+        writelock_core::log::write(&level(rc), logged);
+    }
 }
 
 /// A copy of `msg` in memory from `sqlite3_malloc`, for SQLite to free
@@ -105,6 +133,11 @@ impl std::error::Error for RegisterError {}
 /// `default-features = false`). Idempotent. Connections opened *before* the
 /// call are not protected.
 pub fn register() -> Result<(), RegisterError> {
+    // Once per process: a bad WRITELOCK_LOG is said, never an error (the
+    // extension works without it).
+    if let Err(msg) = writelock_core::log::init_from_env() {
+        tell_user(ffi::SQLITE_WARNING, &msg, &msg);
+    }
     vfs::register_vfs().map_err(|(rc, msg)| RegisterError(rc, msg))?;
     type AutoInit = unsafe extern "C" fn(
         *mut ffi::sqlite3,
@@ -158,6 +191,47 @@ unsafe fn init_error(
     ffi::SQLITE_ERROR
 }
 
+/// The loading connection's databases that were opened before the
+/// extension was loaded (`sqlite3 -cmd '.load …' app.db` opens app.db
+/// first): nothing protects them, and nothing else would say so. Said
+/// through `sqlite3_log` and, where someone reads it, standard error.
+#[cfg(feature = "loadable_extension")]
+fn warn_opened_before_loading(files: Vec<(String, String)>) {
+    for (schema, file) in files {
+        let (logged, shown) = if schema == "main" {
+            (
+                format!(
+                    "writelock: {file} was opened before the extension was loaded: NOT \
+                     protected; open it again after loading (shell: .open it again)"
+                ),
+                format!(
+                    "writelock: WARNING: {file} was opened before the extension was loaded: \
+                     it is NOT protected, this connection writes it without the lock \
+                     (SELECT writelock_status() shows \"protected\": false).\n\
+                     writelock: load first, then open: sqlite3 -cmd '.load …/libwritelock' \
+                     -cmd '.open {file}' (not the database as the shell's first argument), or \
+                     .open {file} again now."
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "writelock: {file} (schema {schema}) was attached before the extension was \
+                     loaded: NOT protected; DETACH it and ATTACH it again"
+                ),
+                format!(
+                    "writelock: WARNING: {file} (schema {schema}) was attached before the \
+                     extension was loaded: it is NOT protected, this connection writes it \
+                     without the lock (SELECT writelock_status() shows \"protected\": false).\n\
+                     writelock: DETACH {schema} and ATTACH it again now that the extension is \
+                     loaded."
+                ),
+            )
+        };
+        tell_user(ffi::SQLITE_WARNING, &logged, &shown);
+    }
+}
+
 /// The extension entry point: `.load ./target/release/libwritelock`.
 ///
 /// Registers VFS `writelock` (default from now on), the auto-extension and the
@@ -203,6 +277,12 @@ pub unsafe extern "C" fn sqlite3_writelock_init(
             if rc != ffi::SQLITE_OK && rc != ffi::SQLITE_BUSY {
                 return rc;
             }
+            // Only said, never an error: the VFS is registered by now and
+            // protects every connection opened from here on; failing the load
+            // would take this connection's functions away and fix nothing.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                warn_opened_before_loading(sql::unprotected_files(db))
+            }));
             ffi::SQLITE_OK_LOAD_PERMANENTLY
         }
     })

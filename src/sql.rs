@@ -123,6 +123,30 @@ unsafe fn vfs_of(db: *mut ffi::sqlite3, schema: &CStr) -> Option<String> {
     }
 }
 
+/// The databases of `db` that are files opened through a VFS other than
+/// `writelock`, for writing: `(schema, file)`. Such a database was opened
+/// before the extension was loaded (or named another VFS), and is not
+/// protected. In-memory and temporary databases have no file; a read-only
+/// one never writes.
+///
+/// # Safety
+/// `db` is a live connection the caller is inside of.
+#[cfg(feature = "loadable_extension")]
+pub(crate) unsafe fn unprotected_files(db: *mut ffi::sqlite3) -> Vec<(String, String)> {
+    let ours = vfs::VFS_NAME.to_str().unwrap_or_default();
+    // SAFETY: per the caller.
+    unsafe { database_list(db) }
+        .into_iter()
+        .filter(|(schema, file)| {
+            // SAFETY: per the caller; `schema` names one of its databases.
+            !file.is_empty()
+                && unsafe { ffi::sqlite3_db_readonly(db, schema.as_ptr()) } == 0
+                && unsafe { vfs_of(db, schema) }.is_some_and(|v| v != ours)
+        })
+        .map(|(schema, file)| (schema.to_string_lossy().into_owned(), file))
+        .collect()
+}
+
 /// `writelock_status()`: the extension, the process, and every database of
 /// the connection.
 #[derive(Serialize)]

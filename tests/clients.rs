@@ -1210,6 +1210,84 @@ fn shell_first_argument_form_is_not_protected() {
     holder.release();
 }
 
+/// The misuse above is said where the user sees it: on standard error (a
+/// pipe here), naming the database and the fix, and in SQLite's log. The
+/// right order says nothing; neither does a read-only open, which never
+/// writes. An attached database opened before loading is named too. Standard
+/// error on a regular file (a daemon's, perhaps a data file) gets nothing.
+#[test]
+fn shell_warns_about_a_database_opened_before_loading() {
+    let dir = scratch();
+    create_db(&dir.path().join("app.db"), "wal");
+    create_db(&dir.path().join("aux.db"), "delete");
+    let load = "-cmd=.load ./target/release/libwritelock";
+    let shell = |args: &[&str], stderr: Stdio| {
+        let mut c = Command::new("sqlite3");
+        c.current_dir(dir.path()).stderr(stderr);
+        for a in args {
+            match a.strip_prefix("-cmd=") {
+                Some(cmd) => c.args(["-cmd", cmd]),
+                None => c.arg(a),
+            };
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        (String::from_utf8_lossy(&o.stdout).into_owned(), err, o)
+    };
+
+    let (out, err, o) = shell(&[load, "app.db", "SELECT 1;"], Stdio::piped());
+    assert_eq!(out.trim(), "1", "the shell goes on: {}", text(&o));
+    for want in [
+        "app.db was opened before the extension was loaded",
+        "NOT protected",
+        "\"protected\": false",
+        "-cmd '.open ",
+        "/app.db' (not the database as the shell's first argument), or .open ",
+    ] {
+        assert!(err.contains(want), "missing {want:?}: {}", text(&o));
+    }
+
+    let (_, err, o) = shell(
+        &[load, "-cmd=.open app.db", ":memory:", "SELECT 1;"],
+        Stdio::piped(),
+    );
+    assert_eq!(err, "", "load, then open: {}", text(&o));
+    let (_, err, o) = shell(&["-readonly", load, "app.db", "SELECT 1;"], Stdio::piped());
+    assert_eq!(err, "", "read-only: {}", text(&o));
+
+    let attach = "-cmd=ATTACH 'aux.db' AS aux";
+    let (_, err, o) = shell(
+        &[attach, load, "-cmd=.open app.db", ":memory:", "SELECT 1;"],
+        Stdio::piped(),
+    );
+    assert!(
+        err.contains("aux.db (schema aux) was attached before") && err.contains("DETACH aux"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !err.contains("app.db"),
+        "app.db was opened after: {}",
+        text(&o)
+    );
+
+    // Standard error on a file: nothing there, but SQLite's log has it.
+    let file = dir.path().join("stderr.txt");
+    let f = std::fs::File::create(&file).unwrap();
+    let (out, _, o) = shell(&["-cmd=.log stdout", load, "app.db", "SELECT 1;"], f.into());
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        "",
+        "stderr on a file"
+    );
+    assert!(
+        out.contains("(28) writelock: ") && out.contains("app.db was opened before"),
+        "sqlite3_log: {}",
+        text(&o)
+    );
+}
+
 #[test]
 fn snippet_python() {
     for py in [Py::Debian, Py::OnPath] {

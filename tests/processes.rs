@@ -5,6 +5,7 @@
 //! asserts that the outcomes differ where the extension is meant to act.
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
@@ -380,7 +381,14 @@ fn loading_twice_is_harmless() {
         so.display(),
         db.display()
     ));
-    assert_eq!(out, "");
+    // The shell opened app.db before the loads: each load says so, and
+    // nothing else is said (no error).
+    let warning = format!(
+        "writelock: WARNING: {} was opened before the extension was loaded",
+        db.display()
+    );
+    assert_eq!(out.matches(&warning).count(), 2, "{out}");
+    assert!(out.lines().all(|l| l.starts_with("writelock: ")), "{out}");
     let out = sh.run(
         "CREATE TABLE t(x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1); \
          SELECT json_extract(writelock_status(), '$.vfs'), json_extract(writelock_status(), '$.databases[0].holding'); COMMIT;",
@@ -697,4 +705,194 @@ fn odd_paths_work_or_fail_like_stock() {
         let r = Connection::open_with_flags_and_vfs(&too_long, flags, mode.vfs());
         assert!(r.is_err(), "{mode:?}: SQLite's own limit");
     }
+}
+
+// ---- WRITELOCK_LOG -----------------------------------------------------------
+
+/// A `sqlite3` shell with the extension loaded, `env` set and no `.log`: the
+/// messages the test sees come from `WRITELOCK_LOG`, not from SQLite's log.
+/// Runs `script` from stdin; (stdout, stderr).
+fn shell_script(db: &Path, env: &[(&str, &str)], script: &str, stderr: Stdio) -> (String, String) {
+    use std::io::Write;
+    let mut child = Command::new("sqlite3")
+        .arg("-batch")
+        .arg("-cmd")
+        .arg(format!(".load {}", writelock_tests::so_path().display()))
+        .arg("-cmd")
+        .arg(format!(".open {}", db.display()))
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("the sqlite3 shell is needed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "{script}\nstdout: {out}\nstderr: {err}");
+    (out, err)
+}
+
+/// A write transaction held 200 ms with `writelock_hold_warn_ms` 50.
+const LONG_HOLD: &str = "PRAGMA writelock_hold_warn_ms=50;\n\
+    BEGIN IMMEDIATE; INSERT INTO t VALUES (1);\n.shell sleep 0.2\nCOMMIT;\n";
+
+/// `2025-01-31T12:00:00.123Z writelock[4242] ` at the start of `line`, with
+/// this pid (any pid when `None`).
+fn stamped(line: &str, pid: Option<u32>) -> bool {
+    let b = line.as_bytes();
+    let shape = "dddd-dd-ddTdd:dd:dd.dddZ ";
+    let time_ok = b.len() > shape.len()
+        && shape.bytes().zip(b).all(|(s, c)| match s {
+            b'd' => c.is_ascii_digit(),
+            _ => s == *c,
+        });
+    let rest = &line[shape.len().min(line.len())..];
+    time_ok
+        && match pid {
+            Some(p) => rest.starts_with(&format!("writelock[{p}] ")),
+            None => rest.starts_with("writelock["),
+        }
+}
+
+/// `WRITELOCK_LOG=<file>`: a long hold and a `SQLITE_BUSY` refusal (who holds
+/// the lock) land in the file, created when missing, one stamped line each,
+/// from both processes; a later process appends.
+#[test]
+fn writelock_log_file_gets_long_holds_and_busy_refusals() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "wal");
+    let log = dir.path().join("logs/writelock.log");
+    std::fs::create_dir(log.parent().unwrap()).unwrap();
+    let env = [("WRITELOCK_LOG", log.to_str().unwrap())];
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+
+    let mut holder = Shell::start_env(&env, &db, Mode::Writelock);
+    holder.run("PRAGMA writelock_hold_warn_ms=50;");
+    holder.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
+    let mut refused = Shell::start_env(&env, &db, Mode::Writelock);
+    let out = refused.run(".timeout 0\nINSERT INTO t VALUES (2);");
+    assert!(out.contains("database is locked"), "{out}");
+    let (hp, rp) = (holder.pid(), refused.pid());
+    writelock_tests::wait_until("both messages are in WRITELOCK_LOG", || {
+        let l = lines();
+        l.iter().any(|l| l.contains("busy: ")) && l.iter().any(|l| l.contains("warning: "))
+    });
+    holder.run("COMMIT;");
+    holder.finish();
+    refused.finish();
+    let l = lines();
+    let hold = l
+        .iter()
+        .find(|l| l.contains(" warning: "))
+        .expect("the long hold");
+    assert!(
+        stamped(hold, Some(hp))
+            && hold.contains(&format!("process {hp} has held the write lock on"))
+            && hold.contains("app.db")
+            && hold.contains("warning threshold 50 ms"),
+        "{l:#?}"
+    );
+    let busy = l
+        .iter()
+        .find(|l| l.contains(" busy: "))
+        .expect("the refusal");
+    assert!(
+        stamped(busy, Some(rp))
+            && busy.contains("app.db is locked by pid ")
+            && busy.contains(&hp.to_string())
+            && busy.contains("returning SQLITE_BUSY"),
+        "{l:#?}"
+    );
+    assert!(
+        l.iter().all(|x| stamped(x, None)),
+        "one line per message: {l:#?}"
+    );
+
+    let before = l.len();
+    shell_script(&db, &env, LONG_HOLD, Stdio::null());
+    let after = lines();
+    assert_eq!(after[..before], l[..], "appended, not truncated");
+    assert!(after.len() > before, "{after:#?}");
+}
+
+/// `WRITELOCK_LOG=stderr` in a shell: the long hold reaches standard error,
+/// whatever it is (the user asked: `2>>app.log` works), without `.log`.
+#[test]
+fn writelock_log_stderr_in_a_shell() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "delete");
+    let env = [("WRITELOCK_LOG", "stderr")];
+    let (_, err) = shell_script(&db, &env, LONG_HOLD, Stdio::piped());
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines.iter().any(|l| stamped(l, None)
+            && l.contains(" warning: process ")
+            && l.contains("held the write lock on")),
+        "{err}"
+    );
+    let file = dir.path().join("stderr.log");
+    let f = std::fs::File::create(&file).unwrap();
+    shell_script(&db, &env, LONG_HOLD, f.into());
+    let err = std::fs::read_to_string(&file).unwrap();
+    assert!(err.contains("held the write lock on"), "{err:?}");
+    let (_, err) = shell_script(&db, &[], LONG_HOLD, Stdio::piped());
+    assert_eq!(err, "", "without WRITELOCK_LOG, nothing on stderr");
+}
+
+/// A bad `WRITELOCK_LOG` is reported once per process (on stderr, a pipe
+/// here), naming the variable, the value or path and the cause; the extension
+/// works all the same. It is no unknown variable either.
+#[test]
+fn a_bad_writelock_log_is_reported_and_the_extension_works() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    let other = dir.path().join("other.db");
+    create_db(&db, "wal");
+    let missing = dir.path().join("no-such-dir/writelock.log");
+    let a_dir = dir.path().to_str().unwrap().to_string();
+    let cases = [
+        (missing.to_str().unwrap(), "No such file or directory"),
+        (a_dir.as_str(), "Is a directory"),
+        ("stdout", "bad value 'stdout' for WRITELOCK_LOG"),
+        ("on", "bad value 'on' for WRITELOCK_LOG"),
+    ];
+    let script = format!(
+        "INSERT INTO t VALUES (1);\n\
+         SELECT json_extract(writelock_status(), '$.databases[0].protected');\n\
+         .open {}\nCREATE TABLE IF NOT EXISTS u(x); INSERT INTO u VALUES (1);\n",
+        other.display()
+    );
+    for (value, cause) in cases {
+        let env = [("WRITELOCK_LOG", value)];
+        let (out, err) = shell_script(&db, &env, &script, Stdio::piped());
+        assert_eq!(out.trim(), "1", "{value}: protected and working; {err}");
+        let reports: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("WRITELOCK_LOG"))
+            .collect();
+        assert_eq!(reports.len(), 1, "{value}: once per process: {err}");
+        assert!(
+            reports[0].contains(value) && reports[0].contains(cause),
+            "{value}: {err}"
+        );
+        assert!(!err.contains("ignoring"), "not an unknown variable: {err}");
+    }
+    assert_eq!(count(&db), 1 + cases.len() as i64);
 }

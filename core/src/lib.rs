@@ -16,6 +16,7 @@
 //! * [`timer`] — the one timer thread per process.
 //! * [`holder`] — who holds it, for tools: `/proc/locks` and the record.
 //! * [`options`] — options from the environment, URI parameters, PRAGMAs.
+//! * [`log`] — messages beyond `sqlite3_log`: `WRITELOCK_LOG`, standard error.
 //! * [`netfs`] — network filesystems are refused.
 //! * [`clock`] — time, injectable for tests.
 //! * [`stats`] — process-wide counters.
@@ -25,6 +26,7 @@
 pub mod clock;
 pub mod holder;
 pub mod lockfile;
+pub mod log;
 pub mod netfs;
 pub mod options;
 pub mod page;

@@ -4,11 +4,13 @@
 //!
 //! One parser per option, whatever the source ([`Options::set`]); an error
 //! names the option, the value, what was expected and where it came from
-//! ([`Source`]). An unknown `writelock_…` name is an error in a URI or a
+//! ([`Source`]). One option is the process's, not a connection's, and comes
+//! from the environment only: `WRITELOCK_LOG` ([`parse_log`]). An unknown `writelock_…` name is an error in a URI or a
 //! PRAGMA; an unknown `WRITELOCK_…` variable is only warned about (a stray
 //! export must not stop every program, and an older copy must not refuse a
 //! newer copy's variable).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The options of one handle.
@@ -136,6 +138,41 @@ impl std::fmt::Display for Source<'_> {
 /// own (where the library is). They are never warned about.
 pub const NOT_OPTIONS: [&str; 2] = ["WRITELOCK_PATH", "WRITELOCK_SO"];
 
+/// The process-wide option: where the extension's warnings and errors go
+/// besides `sqlite3_log` ([`parse_log`]).
+pub const LOG_VAR: &str = "WRITELOCK_LOG";
+
+/// Where `WRITELOCK_LOG` sends the extension's messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard error, whatever it is (the user asked for it).
+    Stderr,
+    /// A file, appended to (created if missing).
+    File(PathBuf),
+}
+
+/// The parser of `WRITELOCK_LOG`: empty is nowhere but `sqlite3_log`,
+/// `stderr` is standard error, anything else a file path. `stdout` (the
+/// program's output) and switch words (`1`, `on`, …, which would otherwise
+/// name a file in the working directory) are errors naming the variable.
+pub fn parse_log(value: &str) -> Result<Option<LogTarget>, String> {
+    let v = value.trim();
+    let bad = |why: &str| {
+        Err(format!(
+            "writelock: bad value '{value}' for {LOG_VAR}: expected stderr or a file path ({why})"
+        ))
+    };
+    match v.to_ascii_lowercase().as_str() {
+        "" => Ok(None),
+        "stderr" => Ok(Some(LogTarget::Stderr)),
+        "stdout" | "-" => bad("standard output carries the program's own output"),
+        "1" | "0" | "true" | "false" | "yes" | "no" | "on" | "off" => {
+            bad("it is not a switch: name where the messages go")
+        }
+        _ => Ok(Some(LogTarget::File(PathBuf::from(v)))),
+    }
+}
+
 impl Options {
     /// Set `name` to `value` from `source`; the error says where it came
     /// from, and the options are unchanged.
@@ -168,7 +205,10 @@ impl Options {
         let mut o = Options::default();
         let mut unknown = Vec::new();
         for (key, value) in vars {
-            if !key.starts_with("WRITELOCK_") || NOT_OPTIONS.contains(&key.as_str()) {
+            if !key.starts_with("WRITELOCK_")
+                || NOT_OPTIONS.contains(&key.as_str())
+                || key == LOG_VAR
+            {
                 continue;
             }
             let name = key.to_ascii_lowercase();
@@ -254,6 +294,7 @@ mod tests {
             ("WRITELOCK_QUEUE_AHEAD_MS", "40"),
             ("WRITELOCK_ALLOW_NETWORK_FS", "no"),
             ("WRITELOCK_PATH", "/x.so"),
+            ("WRITELOCK_LOG", "stdout"),
             ("WRITELOCK_HOLD_WARN", "5"),
             ("PATH", "/bin"),
         ]))
@@ -261,7 +302,11 @@ mod tests {
         assert!(!o.queue && !o.allow_network_fs);
         assert_eq!(o.queue_ahead, Duration::from_millis(40));
         assert_eq!(o.hold_warn, Options::default().hold_warn);
-        assert_eq!(unknown, ["WRITELOCK_HOLD_WARN"], "bindings' own are silent");
+        assert_eq!(
+            unknown,
+            ["WRITELOCK_HOLD_WARN"],
+            "bindings' own are silent; WRITELOCK_LOG is the process's (parse_log)"
+        );
         let w = unknown_env_warning(&unknown).unwrap();
         assert!(w.contains("WRITELOCK_HOLD_WARN") && w.len() < 200, "{w}");
         for (k, v) in [
@@ -293,6 +338,27 @@ mod tests {
                 && e.contains("URI parameter of /d/app.db"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn log_target_stderr_a_path_or_an_error_naming_the_variable() {
+        assert_eq!(parse_log(""), Ok(None));
+        assert_eq!(parse_log(" StdErr "), Ok(Some(LogTarget::Stderr)));
+        assert_eq!(
+            parse_log("/var/log/app/writelock.log"),
+            Ok(Some(LogTarget::File("/var/log/app/writelock.log".into())))
+        );
+        assert_eq!(
+            parse_log("wl.log"),
+            Ok(Some(LogTarget::File("wl.log".into())))
+        );
+        for v in ["stdout", "-", "1", "on", "TRUE"] {
+            let e = parse_log(v).unwrap_err();
+            assert!(
+                e.contains("WRITELOCK_LOG") && e.contains(&format!("'{v}'")),
+                "{e}"
+            );
+        }
     }
 
     mod props {

@@ -1895,6 +1895,7 @@ fn a_lock_granted_early_does_not_shorten_busy_timeout() {
 const OWN_LOCK_BESIDE_WRITERS: &str = r#"
 import fcntl
 db, so, vfs, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+stop_at_first = sys.argv[5] == "1"
 load_extension(so, vfs)
 con = connect(db, vfs, 0)
 failed = 0
@@ -1905,6 +1906,8 @@ for i in range(n):
             con.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
             failed += 1
+            if stop_at_first:
+                break
             continue
         con.execute("INSERT INTO t VALUES (-1)")
         try:
@@ -1938,23 +1941,28 @@ fn a_process_holding_its_own_lock_is_not_refused_beside_other_writers() {
                     })
                 })
                 .collect();
-            // Stock needs only one collision to show; under load the hammers
-            // may be slow to get going, so it gets more tries.
-            let n = match mode {
-                Mode::Writelock => "300",
-                Mode::Stock => "2000",
+            // Stock needs only one collision to show, and stops there; under
+            // load the hammers may be slow to get going, so it gets more tries.
+            let (n, stop_at_first) = match mode {
+                Mode::Writelock => ("300", "0"),
+                Mode::Stock => ("2000", "1"),
             };
             let args = [
                 db.as_os_str(),
                 so.as_os_str(),
                 OsStr::new(mode.vfs()),
                 OsStr::new(n),
+                OsStr::new(stop_at_first),
             ];
             let (code, out, err) =
                 python(&py, OWN_LOCK_BESIDE_WRITERS, &args).finish_within(Duration::from_secs(60));
             for h in hammers {
                 let (_, errors) = h.stop();
-                assert!(errors.is_empty(), "{journal} {mode:?}: {errors:?}");
+                // Stock's backoff may starve a hammer past its timeout (its
+                // known unfairness, not the subject here).
+                if mode == Mode::Writelock {
+                    assert!(errors.is_empty(), "{journal} {mode:?}: {errors:?}");
+                }
             }
             assert_eq!(code, Some(0), "{err}");
             let failed: u32 = out.trim().parse().unwrap();

@@ -5,9 +5,10 @@
 #   make lint      rustfmt and clippy on every package
 #   make torture   the torture and SIGKILL crash suites at length (not in CI)
 #   make bench     stock SQLite vs application flock vs the extension (not in CI)
+#   make dist      the wheel, the npm package and a plain tarball, in dist/
 CARGO ?= cargo
 
-.PHONY: all build demo test unit e2e examples clients lint torture bench clean FORCE
+.PHONY: all build demo test unit e2e examples clients lint torture bench dist clean FORCE
 
 all: build
 
@@ -63,5 +64,13 @@ torture: build
 bench: build
 	$(CARGO) run --release -p writelock-bench
 
+# dist/: the Python wheel (library inside, `writelock` as a data script), the npm
+# package and a plain tarball, all assembled from what `make build` built: no
+# second cargo build, no network (scripts/dist.py; `npm pack` for the npm one).
+PYTHON ?= python3
+dist: build
+	$(PYTHON) scripts/dist.py
+
 clean:
 	$(CARGO) clean
+	rm -rf dist

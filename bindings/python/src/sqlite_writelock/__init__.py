@@ -73,8 +73,8 @@ def path():
     if not found:
         raise WritelockError(
             "the extension library is missing from %s; reinstall the package "
-            "(pip install ./bindings/python) or set WRITELOCK_PATH to "
-            "target/release/libwritelock.so" % here
+            "(pip install --force-reinstall sqlite-writelock) or set WRITELOCK_PATH "
+            "to a libwritelock.so" % here
         )
     return found[0]
 

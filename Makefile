@@ -6,9 +6,10 @@
 #   make torture   the torture and SIGKILL crash suites at length (not in CI)
 #   make bench     stock SQLite vs application flock vs the extension (not in CI)
 #   make dist      the wheel, the npm package and a plain tarball, in dist/
+#   make test-dist install each of them without cargo and run the install docs (CI)
 CARGO ?= cargo
 
-.PHONY: all build demo test unit e2e examples clients lint torture bench dist clean FORCE
+.PHONY: all build demo test unit e2e examples clients lint torture bench dist test-dist clean FORCE
 
 all: build
 
@@ -70,6 +71,14 @@ bench: build
 PYTHON ?= python3
 dist: build
 	$(PYTHON) scripts/dist.py
+
+# Install each artifact into fresh environments without cargo/rustc (two
+# venvs, an npm project, a temporary HOME) and run the install docs' lines;
+# the Rust lines against `cargo package` served as crates.io.
+# Scratch in target/dist-test/; pip never leaves dist/. Needs the npm registry
+# (better-sqlite3 may build with g++/make) and cargo's registry cache (offline).
+test-dist: dist
+	$(PYTHON) tests/dist.py
 
 clean:
 	$(CARGO) clean

@@ -19,8 +19,13 @@ Writes into dist/ (nothing is compiled here: no cargo build, no network):
       bin/writelock, lib/libwritelock.so and share/doc/sqlite-writelock/README.md
       under one top directory, for `tar -xzf … -C ~/.local --strip-components=1`.
 
-The version is the crate's: `cargo metadata --no-deps`, falling back to reading
-the Cargo.toml files (root [package], [workspace.package], or a member's).
+`writelock` is the binary of the package writelock-cli, libwritelock.so the
+library of sqlite-writelock; both come from target/release as `make build`
+left them.
+
+The version is the crate sqlite-writelock's: `cargo metadata --no-deps`, falling
+back to reading the Cargo.toml files (root [package], [workspace.package], or a
+member's). writelock-cli must have the same version, or nothing is written.
 Standard library only; Python >= 3.11 (tomllib) for the wheel's metadata.
 """
 
@@ -47,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 CRATE = "sqlite-writelock"
 LIB = "libwritelock.so"
 CLI = "writelock"
+CLI_CRATE = "writelock-cli"  # the package whose binary CLI is
 
 # Libraries a manylinux wheel may link without bundling them (PEP 600 / the
 # policy auditwheel enforces for glibc-based manylinux_2_x tags).
@@ -78,10 +84,10 @@ def _toml(path):
         return tomllib.load(f)
 
 
-def _version_from_manifests():
-    """The crate's version without cargo: the Cargo.toml whose [package] is
-    ours, at the root or in a workspace member, with version.workspace = true
-    resolved through the root's [workspace.package]."""
+def _version_from_manifests(name):
+    """A package's version without cargo: the Cargo.toml whose [package] is
+    ``name``, at the root or in a workspace member, with version.workspace =
+    true resolved through the root's [workspace.package]."""
     root = _toml(REPO / "Cargo.toml")
     ws_version = root.get("workspace", {}).get("package", {}).get("version")
     manifests = [REPO / "Cargo.toml"]
@@ -91,17 +97,19 @@ def _version_from_manifests():
         if not m.is_file():
             continue
         pkg = _toml(m).get("package", {})
-        if pkg.get("name") != CRATE:
+        if pkg.get("name") != name:
             continue
         v = pkg.get("version")
         if isinstance(v, dict) and v.get("workspace"):
             v = ws_version
         if isinstance(v, str):
             return v
-    raise SystemExit("dist: no version for package %s in %s" % (CRATE, ", ".join(map(str, manifests))))
+    raise SystemExit("dist: no version for package %s in %s" % (name, ", ".join(map(str, manifests))))
 
 
-def crate_version():
+def crate_version(name=CRATE):
+    """The version of package ``name`` (by default the library's, which is
+    the version of every artifact)."""
     cargo = os.environ.get("CARGO", "cargo")
     try:
         out = subprocess.run(
@@ -109,11 +117,11 @@ def crate_version():
             cwd=REPO, capture_output=True, check=True, text=True,
         ).stdout
         for p in json.loads(out)["packages"]:
-            if p["name"] == CRATE:
+            if p["name"] == name:
                 return p["version"]
     except (OSError, subprocess.CalledProcessError, ValueError, KeyError):
         pass
-    return _version_from_manifests()
+    return _version_from_manifests(name)
 
 
 def pep440(v):
@@ -318,6 +326,11 @@ def main():
     if args.version:
         print(version)
         return
+    # The wheel and the tarball carry the command under the library's version.
+    cli_version = crate_version(CLI_CRATE)
+    if cli_version != version:
+        raise SystemExit("dist: %s is %s but %s is %s: the artifacts would carry a command of "
+                         "another version; give both the same version" % (CLI_CRATE, cli_version, CRATE, version))
     release, out = Path(args.release), Path(args.out)
     for f in (release / LIB, release / CLI):
         if not f.is_file():

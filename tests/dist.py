@@ -301,17 +301,23 @@ def python_section(a, name, base):
     how, so = p.stdout.split()
     check(sec, how == expect_how, "install() loaded it through %s" % how, output(p))
     check(sec, Path(so).is_relative_to(venv) and sha256(so) == a.so_sha, "path() is the library inside the venv: %s" % rel(so))
+    # A question through a read-only connection, which takes no lock: it
+    # sees the VFS and the lock file, and says it is not protected.
     p = run(sec, [py, "-m", "sqlite_writelock", "status", "app.db"], app, env)
-    check_protected(sec, "python -m sqlite_writelock status", json.loads(p.stdout), app / "app.db")
+    st = json.loads(p.stdout)
+    d = main_db(st)
+    check(sec, st.get("vfs") == "writelock" and Path(d.get("file") or "/nonexistent") == (app / "app.db").resolve()
+          and d.get("lock_file") == str((app / "app.db.lock").resolve()) and d.get("protected") is False,
+          "python -m sqlite_writelock status app.db: VFS writelock, app.db.lock, read-only so not protected", p.stdout)
 
     # The CLI, from the venv's bin/ through PATH.
     where = shutil.which("writelock", path=env["PATH"])
     check(sec, where == str(venv / "bin" / "writelock"), "writelock on PATH is the venv's: %s" % where)
     p = run(sec, ["writelock", "--version"], app, env)
-    check(sec, p.stdout.split() == ["sqlite-writelock", a.version], "writelock --version: %s" % p.stdout.strip())
+    check(sec, p.stdout.split()[-1:] == [a.version], "writelock --version: %s" % p.stdout.strip())
     p = run(sec, ["writelock", "status", "app.db", "--json"], app, env)
     st = json.loads(p.stdout)
-    check(sec, st.get("db") == "app.db" and st.get("lock_file") == "app.db.lock" and st.get("held") is False,
+    check(sec, st.get("db") == "app.db" and st.get("lock_file") == str((app / "app.db.lock").resolve()) and st.get("held") is False,
           "writelock status app.db --json: free", p.stdout)
 
     # The two together: while `writelock run` holds app.db.lock, a protected
@@ -667,33 +673,44 @@ def shell_section(a):
 # ---- Rust ------------------------------------------------------------------------------------
 
 
+# The crates a Rust user gets from crates.io, in dependency order.
+CRATES = ["writelock-core", "sqlite-writelock", "writelock-cli"]
+
+
 def rust_section(a, state):
-    """crates.io, emulated: the packaged crate and the workspace's vendored
+    """crates.io, emulated: the packaged crates (writelock-core, the library
+    sqlite-writelock, the command writelock-cli) and the workspace's vendored
     dependencies as a directory source that replaces crates-io."""
     sec = "rust"
     cargo = os.environ.get("CARGO", "cargo")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "CARGO_TARGET_DIR"))}
-    pkg_target = WORK / "cargo-package"
-    run(sec, [cargo, "package", "--offline", "--no-verify", "--allow-dirty", "-p", "sqlite-writelock",
-              "--target-dir", pkg_target], REPO, env)
-    crate = pkg_target / "package" / ("sqlite-writelock-%s.crate" % a.version)
-    check(sec, crate.is_file(), "cargo package: %s (%d bytes)" % (crate.name, crate.stat().st_size if crate.is_file() else 0))
     source = WORK / "crates-io"
     run(sec, [cargo, "vendor", "--offline", "--versioned-dirs", "--quiet", source], REPO, env)
-    with tarfile.open(crate) as t:
-        try:
-            t.extractall(source, filter="data")
-        except TypeError:  # Python < 3.11.4: no extraction filters (our own archive)
-            t.extractall(source)
-    unpacked = source / ("sqlite-writelock-%s" % a.version)
-    files = {str(p.relative_to(unpacked)): sha256(p) for p in unpacked.rglob("*") if p.is_file()}
-    (unpacked / ".cargo-checksum.json").write_text(json.dumps({"files": files, "package": sha256(crate)}))
     home = WORK / "cargo-home"
     home.mkdir()
     (home / "config.toml").write_text(
         '[source.crates-io]\nreplace-with = "dist-test"\n\n[source.dist-test]\ndirectory = "%s"\n\n[net]\noffline = true\n' % source)
-    env.update(CARGO_HOME=str(home), CARGO_TARGET_DIR=str(WORK / "cargo-target"))
-    log(sec, "CARGO_HOME=%s: crates-io is %s (the packaged crate and vendored dependencies), offline" % (rel(home), rel(source)))
+    env.update(CARGO_HOME=str(home))
+    log(sec, "CARGO_HOME=%s: crates-io is %s (the packaged crates and vendored dependencies), offline" % (rel(home), rel(source)))
+    # Each crate is packaged as a publish would: its path dependencies become
+    # crates.io ones, resolved here against those packaged before it.
+    pkg_target = WORK / "cargo-package"
+    for name in CRATES:
+        run(sec, [cargo, "package", "--offline", "--no-verify", "--allow-dirty", "-p", name,
+                  "--target-dir", pkg_target], REPO, env, quiet=True)
+        crate = pkg_target / "package" / ("%s-%s.crate" % (name, a.version))
+        if not check(sec, crate.is_file(), "cargo package -p %s: %s (%d bytes)"
+                     % (name, crate.name, crate.stat().st_size if crate.is_file() else 0)):
+            raise Abort("no %s" % crate)
+        with tarfile.open(crate) as t:
+            try:
+                t.extractall(source, filter="data")
+            except TypeError:  # Python < 3.11.4: no extraction filters (our own archive)
+                t.extractall(source)
+        unpacked = source / ("%s-%s" % (name, a.version))
+        files = {str(p.relative_to(unpacked)): sha256(p) for p in unpacked.rglob("*") if p.is_file()}
+        (unpacked / ".cargo-checksum.json").write_text(json.dumps({"files": files, "package": sha256(crate)}))
+    env.update(CARGO_TARGET_DIR=str(WORK / "cargo-target"))
     proj = WORK / "rust-app"
     (proj / "src").mkdir(parents=True)
     (proj / "Cargo.toml").write_text(
@@ -702,13 +719,13 @@ def rust_section(a, state):
     shutil.copy(snippet("rust-dist.rs"), proj / "src" / "main.rs")
     t = time.monotonic()
     run(sec, ["sh", "-e", snippet("rust-dist.sh")], proj, env)
-    log(sec, "cargo add, cargo add, cargo install: %.1f s" % (time.monotonic() - t))
+    log(sec, "rust-dist.sh (cargo add, cargo add, cargo install writelock-cli): %.1f s" % (time.monotonic() - t))
     manifest = (proj / "Cargo.toml").read_text()
     check(sec, re.search(r'sqlite-writelock = \{ version = "%s", default-features = false \}' % re.escape(a.version), manifest),
           "cargo add sqlite-writelock --no-default-features", manifest)
     exe = home / "bin" / "writelock"
     p = run(sec, [exe, "--version"], proj, env)
-    check(sec, p.stdout.split() == ["sqlite-writelock", a.version], "cargo install sqlite-writelock: %s %s" % (rel(exe), p.stdout.strip()))
+    check(sec, p.stdout.split()[-1:] == [a.version], "cargo install writelock-cli: %s, %s" % (rel(exe), p.stdout.strip()))
     t = time.monotonic()
     run(sec, [cargo, "build", "--release", "--quiet"], proj, env)
     log(sec, "cargo build of the register() program (bundled SQLite): %.1f s" % (time.monotonic() - t))

@@ -20,13 +20,14 @@ fresh environments without cargo or rustc, and check that it works.
   shell:  the tarball, extracted by the README's line into a temporary HOME's
           ~/.local; the sqlite3 shell loads lib/libwritelock and bin/writelock
           runs.
-  rust:   (needs cargo, like any Rust user) `cargo package` of the crate is
+  rust:   (needs cargo, like any Rust user) `cargo package` of each crate is
           served as crates.io through source replacement, with the
           workspace's dependencies vendored: the README's `cargo add …` and
-          `cargo install sqlite-writelock` run verbatim, then a program
+          `cargo install writelock-cli` run verbatim, then a program
           calling writelock::register() (bindings/snippets/rust-dist.rs).
-  docs:   dist-README-section.md and the package READMEs quote every snippet
-          verbatim, and name no path into a checkout.
+  docs:   docs/install.md and the package READMEs quote every snippet
+          verbatim and name no path into a checkout; README.md's Install
+          section, right after `make demo` and `make test`, is lines of them.
 
 Every check prints one line; the exit status is non-zero if any failed.
 Scratch: target/dist-test/ (emptied first). TEST_DIST_ONLY=python,node,shell,rust,docs
@@ -746,11 +747,15 @@ DIST_SNIPPETS = ["shell-dist.sh", "python-dist.sh", "python-dist.py", "node-dist
 
 
 def docs_section(a):
+    """docs/install.md quotes every snippet that the sections above run,
+    whole; the README's Install section is lines of those snippets, one
+    install line and one load line per client, right after the opening
+    `make demo` / `make test` block; the package READMEs quote theirs."""
     sec = "docs"
-    section = (REPO / "dist-README-section.md").read_text()
+    install = (REPO / "docs" / "install.md").read_text()
     for name in DIST_SNIPPETS:
         body = snippet(name).read_text().rstrip("\n")
-        check(sec, body in section, "dist-README-section.md quotes bindings/snippets/%s verbatim" % name)
+        check(sec, fenced_block_is(install, body), "docs/install.md quotes bindings/snippets/%s verbatim, as one block" % name)
     for readme, names in [
         (REPO / "bindings/python/README.md", ["python-dist.sh", "python-dist.py"]),
         (REPO / "bindings/npm/README.md", ["node-dist.sh", "node-dist.js"]),
@@ -759,9 +764,38 @@ def docs_section(a):
         text = readme.read_text()
         for name in names:
             check(sec, snippet(name).read_text().rstrip("\n") in text, "%s quotes %s verbatim" % (rel(readme), name))
-    blocks = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", section, re.S))
+    blocks = "\n".join(code_blocks(install))
     bad = [w for w in ("target/", "./bindings", "bindings/", "--path") if w in blocks]
-    check(sec, not bad, "no path into a checkout in the section's code blocks", bad)
+    check(sec, not bad, "no path into a checkout in docs/install.md's code blocks", bad)
+    check(sec, not (REPO / "dist-README-section.md").exists(), "no dist-README-section.md beside docs/install.md")
+
+    readme = (REPO / "README.md").read_text()
+    first = code_blocks(readme)[:1]
+    check(sec, first and [l.split()[:2] for l in first[0].splitlines()[:2]] == [["make", "demo"], ["make", "test"]],
+          "README.md opens with `make demo` and `make test`", first)
+    heads = re.findall(r"^## (.+)$", readme, re.M)
+    check(sec, heads[:1] == ["Install"], "README.md's first section after them is Install", heads[:3])
+    m = re.search(r"^## Install\n(.*?)(?=^## )", readme, re.S | re.M)
+    part = m.group(1) if m else ""
+    check(sec, "(docs/install.md)" in part, "README.md's Install section points to docs/install.md")
+    # Lines as the snippets have them, but for indentation.
+    lines = [l.strip() for b in code_blocks(part) for l in b.splitlines() if l.strip()]
+    ran = {name: [l.strip() for l in snippet(name).read_text().splitlines()] for name in DIST_SNIPPETS}
+    stray = [l for l in lines if not any(l in body for body in ran.values())]
+    check(sec, lines and not stray, "README.md's Install lines (%d) are each a line of a snippet that runs here" % len(lines), stray)
+    for client, files in [("shell", ["shell-dist.sh"]), ("python", ["python-dist.sh", "python-dist.py"]),
+                          ("node", ["node-dist.sh", "node-dist.js"]), ("rust", ["rust-dist.sh", "rust-dist.rs"])]:
+        from_files = [l for l in lines if any(l in ran[f] for f in files)]
+        check(sec, len(from_files) >= 2, "README.md's Install section has install and load lines for %s" % client, from_files)
+
+
+def code_blocks(markdown):
+    """The bodies of the fenced code blocks, in order."""
+    return re.findall(r"^```[a-z]*\n(.*?)^```", markdown, re.S | re.M)
+
+
+def fenced_block_is(markdown, body):
+    return any(b.rstrip("\n") == body for b in code_blocks(markdown))
 
 
 # ---- main -------------------------------------------------------------------------------------

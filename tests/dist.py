@@ -501,16 +501,35 @@ process.on("warning", (x) => out.warnings.push({ name: x.name, code: x.code, mes
 const status = (db) => JSON.parse(db.prepare("SELECT writelock_status() AS s").get().s).databases[0];
 out.path = w.getLoadablePath();
 out.entryPoint = w.ENTRY_POINT;
-const early = new Database("early.db");      // opened before loading
-w.load(early);
+// Counts the loadExtension() calls load() makes through db.
+const counted = (db) => {
+  const real = db.loadExtension.bind(db);
+  db.loadCalls = 0;
+  db.loadExtension = (...a) => { db.loadCalls++; return real(...a); };
+  return db;
+};
+const early = counted(new Database("early.db"));   // opened before loading
+// The warning does not wait for the load: with no library to load, load()
+// throws, and has warned already.
+process.env.WRITELOCK_PATH = require("path").join(__dirname, "no-such-library.so");
+let emitted = 0;
+const emit = process.emitWarning;
+process.emitWarning = (...a) => { emitted++; return emit.apply(process, a); };
+try { w.load(early); out.failedLoad = "no error"; } catch (e) { out.failedLoad = e.message; }
+out.emittedByFailedLoad = emitted;
+delete process.env.WRITELOCK_PATH;
+w.load(early);                                    // loads; warned already
+w.load(early);                                    // loaded and warned: nothing
+out.earlyLoadCalls = early.loadCalls;
 out.earlyProtected = status(early).protected;
 out.warningsAfterEarly = "pending";
 setImmediate(() => {
   out.warningsAfterEarly = out.warnings.length;
-  w.load(new Database(":memory:"));           // no file: no warning
-  const later = new Database("later.db");
+  w.load(new Database(":memory:"));               // no file: no warning
+  const later = counted(new Database("later.db"));
   out.laterProtected = status(later).protected;
-  w.load(later);                              // already protected: no warning
+  w.load(later);                                  // already protected: no warning, no load
+  out.laterLoadCalls = later.loadCalls;
   out.install = w.install();
   out.installAgain = w.install();
   setImmediate(() => console.log(JSON.stringify(out)));
@@ -614,6 +633,11 @@ def node_checks(a, state):
     check(sec, out["earlyProtected"] is False and out["warningsAfterEarly"] == 1
           and out["warnings"][0]["name"] == "WritelockWarning" and "early.db" in out["warnings"][0]["message"],
           "load(db) on a Database with early.db open: early.db not protected, one WritelockWarning naming it", json.dumps(out))
+    check(sec, "WRITELOCK_PATH" in out["failedLoad"] and out["emittedByFailedLoad"] == 1 and out["warningsAfterEarly"] == 1,
+          "the warning comes before loading: load() that failed (no library) had warned already", json.dumps(out))
+    check(sec, out["earlyLoadCalls"] == 1 and out["laterLoadCalls"] == 0,
+          "load() is idempotent: three load(early) (one failed) loaded once and warned once; load(later) loaded nothing",
+          json.dumps(out))
     check(sec, "WritelockWarning" in p.stderr and "early.db" in p.stderr and "NOT protected" in p.stderr,
           "the warning is printed: %s" % next((l for l in p.stderr.splitlines() if "WritelockWarning" in l), "")[:160], output(p))
     check(sec, out["laterProtected"] is True and len(out["warnings"]) == 1,

@@ -26,7 +26,9 @@ export declare function getLoadablePath(): string;
 /**
  * Load the extension through `db`. Connections opened afterwards are
  * protected; `db` itself is not if it already has a database file open (a
- * `WritelockWarning` is emitted then).
+ * `WritelockWarning` is emitted then, before loading and once per Database).
+ * Idempotent: a Database that has the extension already is not loaded into
+ * again.
  */
 export declare function load(db: LoadableDatabase): void;
 

@@ -69,6 +69,10 @@ function unprotectedFiles(db) {
   }
 }
 
+// Databases load() has warned about: one warning per Database, however
+// often it is passed.
+const warned = new WeakSet();
+
 /**
  * Load the extension through `db`, an open better-sqlite3 Database (the
  * `sqliteVec.load(db)` convention). Connections opened from now on are
@@ -76,25 +80,34 @@ function unprotectedFiles(db) {
  * a warning (process.emitWarning, type "WritelockWarning") says so. Load
  * through a ':memory:' Database, or call install(), before opening your
  * databases.
+ *
+ * The warning comes first, whether or not loading then succeeds, and once
+ * per Database. Idempotent: a Database that has the extension's functions
+ * already (loaded through it, or opened after a load) is not loaded into again.
  */
 function load(db) {
   if (!db || typeof db.loadExtension !== "function") {
     throw new TypeError("sqlite-writelock: load(db) needs a better-sqlite3 Database");
   }
-  const file = getLoadablePath();
-  // Opened after a load elsewhere in this process: the VFS is already there,
-  // and this connection already has the functions.
-  if (!hasFunctions(db)) db.loadExtension(file, ENTRY_POINT);
-  const unprotected = unprotectedFiles(db);
-  if (unprotected.length > 0) {
-    const names = unprotected.map(([schema, f]) => `${f} (${schema})`).join(", ");
-    process.emitWarning(
-      `sqlite-writelock: load(): ${names} of this connection (db.name ${JSON.stringify(db.name)}) ` +
-        "was opened before the extension was loaded and is NOT protected; connections opened " +
-        "from now on are. Load it (or call install()) before opening your databases.",
-      { type: "WritelockWarning", code: "WRITELOCK_NOT_PROTECTED" }
-    );
+  // What db has open without the VFS is decided by how it was opened, not by
+  // this load: say so before loading, so a failed load does not hide it.
+  if (!warned.has(db)) {
+    const unprotected = unprotectedFiles(db);
+    if (unprotected.length > 0) {
+      warned.add(db);
+      const names = unprotected.map(([schema, f]) => `${f} (${schema})`).join(", ");
+      process.emitWarning(
+        `sqlite-writelock: load(): ${names} of this connection (db.name ${JSON.stringify(db.name)}) ` +
+          "was opened before the extension was loaded and is NOT protected; connections opened " +
+          "from now on are. Load it (or call install()) before opening your databases.",
+        { type: "WritelockWarning", code: "WRITELOCK_NOT_PROTECTED" }
+      );
+    }
   }
+  const file = getLoadablePath();
+  // Loaded through db before, or opened after a load elsewhere in this
+  // process: the VFS is registered and db has the functions.
+  if (!hasFunctions(db)) db.loadExtension(file, ENTRY_POINT);
 }
 
 /**

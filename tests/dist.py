@@ -251,6 +251,18 @@ except sqlite3.OperationalError as e:
     print("error: %s" % e)
 """
 
+# install() after a connection to a file is open: a warning names the file,
+# and status() of that connection says why it is not protected.
+EARLY_PY = """import json, sqlite3, warnings
+import sqlite_writelock as w
+early = sqlite3.connect("early.db")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    w.install()
+print(json.dumps({"warnings": [str(x.message) for x in caught if issubclass(x.category, w.WritelockWarning)],
+                  "status": w.status(early)}))
+"""
+
 
 def venv_files(venv):
     """Every path in the venv, without __pycache__ (running pip compiles pip)."""
@@ -298,6 +310,14 @@ def python_section(a, name, base):
     docs = json_objects(p.stdout)
     if check(sec, docs, "python-dist.py printed the status JSON", output(p)):
         check_protected(sec, "python-dist.py", docs[-1], app / "app.db")
+    p = run(sec, [py, "-c", EARLY_PY], app, env)
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    warned, st = out["warnings"], out["status"]
+    check(sec, len(warned) == 1 and str((app / "early.db").resolve()) in warned[0] and "NOT protected" in warned[0],
+          "install() with early.db already open: one WritelockWarning naming it", json.dumps(out))
+    check(sec, st.get("protected") is False and st.get("loaded") is False and "not protected" in st.get("reason", "")
+          and [d.get("protected") for d in st.get("databases", [])] == [False],
+          "status() of that connection: not protected, the extension is not loaded into it", json.dumps(out))
     p = run(sec, [py, "-c", "import sqlite_writelock as w; print(w.install()); print(w.path())"], app, env, quiet=True)
     how, so = p.stdout.split()
     check(sec, how == expect_how, "install() loaded it through %s" % how, output(p))

@@ -6,9 +6,11 @@
 #   make lint      rustfmt and clippy on every package
 #   make torture   the torture and SIGKILL crash suites at length (not in CI)
 #   make bench     stock SQLite vs application flock vs the extension (not in CI)
+#   make dist      the wheel, the npm package and a plain tarball, in dist/
+#   make test-dist install each of them without cargo and run the install docs (CI)
 CARGO ?= cargo
 
-.PHONY: all build demo test unit e2e examples clients lint torture bench clean FORCE
+.PHONY: all build demo test unit e2e examples clients lint torture bench dist test-dist clean FORCE
 
 all: build
 
@@ -67,5 +69,21 @@ torture: build
 bench: build
 	$(CARGO) run --release -p writelock-bench
 
+# dist/: the Python wheel (library inside, `writelock` as a data script), the npm
+# package and a plain tarball, all assembled from what `make build` built: no
+# second cargo build, no network (scripts/dist.py; `npm pack` for the npm one).
+PYTHON ?= python3
+dist: build
+	$(PYTHON) scripts/dist.py
+
+# Install each artifact into fresh environments without cargo/rustc (two
+# venvs, an npm project, a temporary HOME) and run the install docs' lines;
+# the Rust lines against `cargo package` served as crates.io.
+# Scratch in target/dist-test/; pip never leaves dist/. Needs the npm registry
+# (better-sqlite3 may build with g++/make) and cargo's registry cache (offline).
+test-dist: dist
+	$(PYTHON) tests/dist.py
+
 clean:
 	$(CARGO) clean
+	rm -rf dist

@@ -955,6 +955,95 @@ print("install", w.install())
     }
 }
 
+/// `install()` after a connection to `early.db` is already open: one
+/// `WritelockWarning` naming early.db (not the `:memory:` one, and not again
+/// on a second `install()`); `status()` of that connection says "not
+/// protected" and why instead of raising; and it really is not: while
+/// `flock(1)` (another process) holds `early.db.lock`, it writes anyway, and
+/// a connection opened after `install()` gets `database is locked`.
+#[test]
+fn python_install_warns_about_connections_opened_before_it() {
+    let script = r#"
+import json, sqlite3, warnings
+import sqlite_writelock as w
+early = sqlite3.connect("early.db", timeout=0.2, isolation_level=None)
+mem = sqlite3.connect(":memory:")
+print("status_before " + json.dumps(w.status(early)))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    w.install()
+    first = [str(x.message) for x in caught if issubclass(x.category, w.WritelockWarning)]
+    caught.clear()
+    w.install()
+    print("install_warnings " + json.dumps(first))
+    print("second_install_warnings %d" % len(caught))
+print("status_after " + json.dumps(w.status(early)))
+early.execute("INSERT INTO t(client) VALUES ('early')")
+print("early_wrote")
+later = sqlite3.connect("early.db", timeout=0.2, isolation_level=None)
+print("later_protected %s" % w.status(later)["databases"][0]["protected"])
+try:
+    later.execute("INSERT INTO t(client) VALUES ('later')")
+    print("later_wrote")
+except sqlite3.OperationalError as e:
+    print("later_error " + str(e))
+"#;
+    for py in [Py::Debian, Py::OnPath] {
+        let v = venv(py);
+        let dir = tempdir();
+        let db = dir.path().join("early.db");
+        create_db(&db, "wal");
+        let holder = FlockHolder::hold(&lock_path(&db));
+        let out = run_ok(
+            "install() after a connection",
+            v.cmd(dir.path()).args(["-c", script]),
+        );
+        holder.release();
+        let line = |key: &str| -> String {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key} ")).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{py:?}: no {key} in:\n{out}"))
+        };
+        let real = std::fs::canonicalize(&db).unwrap();
+        for key in ["status_before", "status_after"] {
+            let st: Value = serde_json::from_str(&line(key)).unwrap();
+            assert_eq!(st["protected"], false, "{py:?} {key}: {st}");
+            assert_eq!(st["loaded"], false, "{py:?} {key}: {st}");
+            let reason = st["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("not protected")
+                    && reason.contains("not loaded into this connection"),
+                "{py:?} {key}: {st}"
+            );
+            let d = &st["databases"][0];
+            assert_eq!(d["protected"], false, "{py:?} {key}: {st}");
+            assert_eq!(
+                d["file"]
+                    .as_str()
+                    .map(|f| std::fs::canonicalize(f).unwrap()),
+                Some(real.clone()),
+                "{py:?} {key}: {st}"
+            );
+        }
+        let warned: Vec<String> = serde_json::from_str(&line("install_warnings")).unwrap();
+        assert_eq!(warned.len(), 1, "{py:?}: {warned:?}");
+        assert!(
+            warned[0].contains("early.db")
+                && warned[0].contains("NOT protected")
+                && warned[0].contains("1 sqlite3 connection")
+                && !warned[0].contains(":memory:"),
+            "{py:?}: {warned:?}"
+        );
+        assert_eq!(line("second_install_warnings"), "0", "{py:?}:\n{out}");
+        assert!(out.contains("early_wrote"), "{py:?}:\n{out}");
+        assert_eq!(line("later_protected"), "True", "{py:?}:\n{out}");
+        assert!(
+            line("later_error").contains("locked"),
+            "{py:?}: a protected connection wrote while flock(1) held the lock:\n{out}"
+        );
+    }
+}
+
 /// Where neither `enable_load_extension` nor a shared libsqlite3 is there
 /// (simulated: `_sqlite3`'s symbols cannot be found), `install()` raises an
 /// error that says why and what to do.

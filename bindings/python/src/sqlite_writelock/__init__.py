@@ -25,6 +25,7 @@ Load it once per process, *before* opening the connections to protect::
 """
 
 import ctypes
+import gc
 import glob
 import json
 import os
@@ -73,8 +74,8 @@ def path():
     if not found:
         raise WritelockError(
             "the extension library is missing from %s; reinstall the package "
-            "(pip install ./bindings/python) or set WRITELOCK_PATH to "
-            "target/release/libwritelock.so" % here
+            "(pip install --force-reinstall sqlite-writelock) or set WRITELOCK_PATH "
+            "to a libwritelock.so" % here
         )
     return found[0]
 
@@ -91,7 +92,10 @@ def install():
     the stdlib ``sqlite3`` module uses, for the whole process. Idempotent.
 
     Connections opened afterwards are protected; connections opened before are
-    not. Uses ``enable_load_extension`` where the interpreter has it; otherwise
+    not: a :class:`WritelockWarning` names the database files of those it can
+    find (open ``sqlite3.Connection`` objects of this thread with a file
+    open; a connection of another thread cannot be asked which files it
+    has). Uses ``enable_load_extension`` where the interpreter has it; otherwise
     loads the extension through ctypes into the same libsqlite3 that
     ``_sqlite3`` is linked to. Raises :class:`WritelockError` when neither is
     possible (SQLite linked statically into ``_sqlite3`` without extension
@@ -125,6 +129,7 @@ def install():
             con.close()
         _verify(how)
         _installed_how = how
+        _warn_about_existing_connections()
         return how
 
 
@@ -149,10 +154,70 @@ def load(conn):
     _warn_if_unprotected(conn)
 
 
+#: Why a connection without the extension's functions is not protected.
+NOT_LOADED = (
+    "not protected: the extension is not loaded into this connection (it was "
+    "opened before sqlite_writelock.install() or load() ran in this process, "
+    "or neither ran)"
+)
+
+
 def status(conn):
-    """``writelock_status()`` of ``conn`` as a dict (raises
-    ``sqlite3.OperationalError`` if the extension is not loaded)."""
-    return json.loads(conn.execute("SELECT writelock_status()").fetchone()[0])
+    """``writelock_status()`` of ``conn`` as a dict.
+
+    If the extension is not loaded into ``conn`` (no function
+    ``writelock_status``: the connection was opened before :func:`install` or
+    :func:`load`), the dict says so instead of raising::
+
+        {"loaded": False, "protected": False, "reason": "not protected: …",
+         "databases": [{"schema": "main", "file": "/…/app.db", "protected": False}]}
+    """
+    try:
+        return _status_of(conn)
+    except sqlite3.OperationalError as e:
+        if "no such function" not in str(e):
+            raise
+    return {
+        "loaded": False,
+        "protected": False,
+        "reason": NOT_LOADED,
+        "databases": [{"schema": s, "file": f, "protected": False} for s, f in _files_of(conn)],
+    }
+
+
+def _status_of(conn):
+    """``writelock_status()`` of ``conn``, whatever its row_factory; raises
+    ``sqlite3.OperationalError`` where the extension is not loaded."""
+    cur = conn.cursor()
+    try:
+        cur.row_factory = None
+        row = cur.execute("SELECT writelock_status()").fetchone()[0]
+    finally:
+        cur.close()
+    return json.loads(row if isinstance(row, str) else bytes(row).decode())
+
+
+def _files_of(conn):
+    """``[(schema, file)]`` of the databases ``conn`` has open on a file."""
+    cur = conn.cursor()
+    try:
+        cur.row_factory = None
+        rows = cur.execute("PRAGMA database_list").fetchall()
+    finally:
+        cur.close()
+    out = []
+    for _, schema, file in rows:
+        if isinstance(file, (bytes, bytearray)):
+            file = os.fsdecode(bytes(file))
+        if file:
+            out.append((schema, file))
+    return out
+
+
+def _unprotected_files(conn):
+    """``[(schema, file)]`` of the files ``conn`` has open without the lock."""
+    doc = status(conn)
+    return [(d["schema"], d["file"]) for d in doc.get("databases", []) if d.get("file") and not d.get("protected")]
 
 
 def _has_functions(conn):
@@ -188,7 +253,7 @@ def _verify(how):
     another SQLite than the one ``sqlite3`` uses."""
     con = sqlite3.connect(":memory:")
     try:
-        doc = status(con)
+        doc = _status_of(con)
     except sqlite3.Error as e:
         raise WritelockError(
             "sqlite_writelock: the extension was loaded (%s) but connections of "
@@ -292,20 +357,11 @@ def _load_with_ctypes(so):
 
 def _warn_if_unprotected(conn):
     try:
-        files = [(r[1], r[2]) for r in conn.execute("PRAGMA database_list") if r[2]]
+        unprotected = _unprotected_files(conn)
     except Exception:
         return
-    if not files:
-        return
-    try:
-        doc = status(conn)
-        unprotected = [(d["schema"], d["file"]) for d in doc["databases"] if d.get("file") and not d.get("protected")]
-    except Exception:
-        # No SQL functions on this connection: it was opened before the
-        # extension was loaded anywhere, so none of its files are protected.
-        unprotected = files
     if unprotected:
-        names = ", ".join("%s (%s)" % f for f in unprotected)
+        names = ", ".join("%s (%s)" % (f, s) for s, f in unprotected)
         warnings.warn(
             "sqlite_writelock.load(): %s of this connection was opened before the "
             "extension was loaded and is NOT protected; connections opened from now "
@@ -314,3 +370,37 @@ def _warn_if_unprotected(conn):
             WritelockWarning,
             stacklevel=3,
         )
+
+
+def _existing_connections():
+    """The ``sqlite3.Connection`` objects alive in this process (the garbage
+    collector tracks them)."""
+    try:
+        return [o for o in gc.get_objects() if isinstance(o, sqlite3.Connection)]
+    except Exception:
+        return []
+
+
+def _warn_about_existing_connections():
+    """install() protects connections opened from now on: name the files of
+    those already open, which stay unprotected until they are reopened."""
+    files, conns = set(), 0
+    for conn in _existing_connections():
+        try:
+            mine = _unprotected_files(conn)
+        except Exception:
+            # Closed, or made in another thread (check_same_thread): it cannot
+            # be asked which files it has.
+            continue
+        if mine:
+            conns += 1
+            files.update(f for _, f in mine)
+    if not files:
+        return
+    warnings.warn(
+        "sqlite_writelock.install(): %d sqlite3 connection(s) opened before it are "
+        "NOT protected: %s. Connections opened from now on are; close and reopen "
+        "those, or call install() before opening your databases." % (conns, ", ".join(sorted(files))),
+        WritelockWarning,
+        stacklevel=3,
+    )

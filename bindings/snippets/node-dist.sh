@@ -1,0 +1,1 @@
+npm install sqlite-writelock better-sqlite3@12

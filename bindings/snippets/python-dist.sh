@@ -1,0 +1,1 @@
+python -m pip install sqlite-writelock   # the library and the writelock command; no compiler needed

@@ -1496,11 +1496,11 @@ fn docs_quote_every_snippet_and_readme_lines_come_from_them() {
         "docs/clients.md does not quote these files verbatim (paste each whole, in a fenced block): {missing:?}"
     );
     // The README's one-line versions: every line of its fenced blocks in
-    // "Load it" is a line of a snippet that the tests here run.
+    // "From a checkout" is a line of a snippet that the tests here run.
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     let start = readme
-        .find("## Load it")
-        .expect("README has a Load it section");
+        .find("## From a checkout")
+        .expect("README has a From a checkout section");
     let end = readme[start + 1..]
         .find("\n## ")
         .map_or(readme.len(), |i| start + 1 + i);
@@ -1523,6 +1523,6 @@ fn docs_quote_every_snippet_and_readme_lines_come_from_them() {
     }
     assert!(
         lines >= 4,
-        "README.md's Load it section has {lines} code lines"
+        "README.md's From a checkout section has {lines} code lines"
     );
 }

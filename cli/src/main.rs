@@ -403,7 +403,9 @@ extern "C" fn on_alarm(_: libc::c_int) {}
 /// thread, whose handler (installed without SA_RESTART) does nothing but
 /// make flock(2) fail with EINTR. It repeats every 10 ms until the wait has
 /// ended: a signal that lands just before the wait enters flock(2) would
-/// otherwise be lost.
+/// otherwise be lost. SIGALRM is unblocked in this thread for the wait,
+/// whatever mask the caller passed down; its mask and SIGALRM's disposition
+/// are put back afterwards.
 fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockError> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let Some(secs) = timeout else {
@@ -419,10 +421,21 @@ fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockEr
     );
     // SAFETY: the handler does nothing (async-signal-safe), and nothing else
     // in this program handles SIGALRM.
-    if let Err(e) = unsafe { sigaction(Signal::SIGALRM, &act) } {
-        eprintln!("writelock: cannot set up --timeout: {e}");
-        return Ok(false);
-    }
+    let caller_alarm = match unsafe { sigaction(Signal::SIGALRM, &act) } {
+        Ok(old) => old,
+        Err(e) => {
+            eprintln!("writelock: cannot set up --timeout: {e}");
+            return Ok(false);
+        }
+    };
+    // A caller may have SIGALRM blocked (the mask is inherited across exec):
+    // the signal would then stay pending and never end the wait. Unblock it
+    // in this thread, the one that waits; the caller's mask and disposition
+    // come back once the wait is over, so the command starts with them.
+    let caller_mask = SigSet::thread_get_mask().ok();
+    let mut alarm = SigSet::empty();
+    alarm.add(Signal::SIGALRM);
+    let _ = alarm.thread_unblock();
     let me = nix::sys::pthread::pthread_self();
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let limit = Duration::from_secs_f64(secs);
@@ -442,6 +455,13 @@ fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockEr
     let taken = take_blocking(lock);
     drop(done);
     let _ = timer.join();
+    // Every SIGALRM the timer sent has been handled by now: it was sent to
+    // this thread, unblocked, before the join returned.
+    if let Some(mask) = caller_mask {
+        let _ = mask.thread_set_mask();
+    }
+    // SAFETY: puts back what was there before; nothing else handles SIGALRM.
+    let _ = unsafe { sigaction(Signal::SIGALRM, &caller_alarm) };
     taken
 }
 

@@ -569,6 +569,60 @@ fn run_o_keeps_the_lock_from_a_daemon_the_command_leaves() {
 
 // ---- run and signals --------------------------------------------------------------
 
+/// `writelock run -o DB -- sh …` signalled while the command runs: `run`
+/// passes the signal on to the command and keeps the lock until the command
+/// exits, then exits with its status. A writer of the extension waiting
+/// meanwhile commits only after the command's last line. (If `run` died of
+/// the signal, the lock, held by it alone under -o, would be free at once
+/// and the writer would commit while the command still runs.)
+#[test]
+fn run_o_passes_a_signal_on_and_holds_the_lock_until_the_command_exits() {
+    for sig in ["TERM", "HUP", "INT"] {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        let log = dir.path().join("log");
+        create_table(&db, "delete");
+        let script = format!(
+            "trap 'echo got-{sig} >> {log}' {sig}; echo started; \
+             i=0; while [ $i -lt 10 ]; do sleep 0.1; i=$((i+1)); done; \
+             echo end >> {log}; exit 5",
+            log = log.display()
+        );
+        let mut run = Command::new(cli_path())
+            .args(["run", "-o"])
+            .arg(&db)
+            .args(["--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(run.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "started");
+        let kill = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(run.id().to_string())
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let mut w = Shell::start(&db, Mode::Writelock);
+        w.run(".timeout 20000");
+        assert_eq!(w.run("INSERT INTO t VALUES (42);"), "");
+        let at_commit = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            at_commit.contains("end"),
+            "SIG{sig}: the writer committed while the command still ran: {at_commit:?}"
+        );
+        assert!(
+            at_commit.contains(&format!("got-{sig}")),
+            "SIG{sig} reached the command: {at_commit:?}"
+        );
+        assert_eq!(exits(&mut run), Some(5), "SIG{sig}: the command's status");
+        w.finish();
+    }
+}
+
 /// `python3 -c …` that blocks SIGALRM, then executes ARGS: a caller whose
 /// signal mask blocks it.
 fn with_sigalrm_blocked() -> Command {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod exit;
+mod forward;
 mod ps;
 use nix::libc;
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
@@ -74,7 +75,9 @@ enum Cmd {
     /// connections of the extension borrow the lock. The lock is let go by
     /// closing the descriptor when the command exits, so a process the
     /// command leaves running keeps it until that process exits (use -o to
-    /// prevent that). Exits with the command's own status.
+    /// prevent that). SIGTERM, SIGHUP, SIGINT, SIGQUIT, SIGUSR1 and SIGUSR2
+    /// sent to run are passed on to the command, and run holds the lock
+    /// until the command exits. Exits with the command's own status.
     #[command(after_help = exit::help_for("run"))]
     Run {
         /// The database file.
@@ -88,7 +91,9 @@ enum Cmd {
         /// process the command starts and leaves running (a daemon) then
         /// does not keep the lock once the command exits. The command's own
         /// connections of the extension cannot borrow the lock then: they
-        /// wait for writelock run like any other writer.
+        /// wait for writelock run like any other writer. The lock then lives
+        /// as long as writelock run: kill -9 of run frees it while the
+        /// command may go on.
         #[arg(short = 'o', long)]
         close: bool,
         /// The command and its arguments.
@@ -326,6 +331,9 @@ fn waiters(lock: &Path, flock_waiters: Vec<u32>) -> Vec<Waiter> {
 }
 
 fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> ExitCode {
+    // The command starts with the signal mask run was given.
+    let caller_mask = nix::sys::signal::SigSet::thread_get_mask()
+        .unwrap_or_else(|_| nix::sys::signal::SigSet::empty());
     // The connections lock <resolved path>.lock: so must we.
     let real = resolve_db_path(db).unwrap_or_else(|_| db.to_path_buf());
     let mut lock = match LockFile::open_as(&real, Opener::Tool) {
@@ -369,7 +377,10 @@ fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> Exit
             eprintln!("writelock: {e}");
         }
     }
-    let status = Command::new(&command[0]).args(&command[1..]).status();
+    // Signals sent to run while the command runs are passed on to it, and
+    // run holds the lock until the command has exited.
+    let status =
+        forward::run_passing_signals(Command::new(&command[0]).args(&command[1..]), caller_mask);
     // Let go by closing, as flock(1) does: a copy the command's children
     // still have keeps the lock; with none, it is free at once.
     lock.close();

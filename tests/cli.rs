@@ -567,6 +567,150 @@ fn run_o_keeps_the_lock_from_a_daemon_the_command_leaves() {
     kill(daemon);
 }
 
+// ---- run and signals --------------------------------------------------------------
+
+/// `writelock run -o DB -- sh …` signalled while the command runs: `run`
+/// passes the signal on to the command and keeps the lock until the command
+/// exits, then exits with its status. A writer of the extension waiting
+/// meanwhile commits only after the command's last line. (If `run` died of
+/// the signal, the lock, held by it alone under -o, would be free at once
+/// and the writer would commit while the command still runs.)
+#[test]
+fn run_o_passes_a_signal_on_and_holds_the_lock_until_the_command_exits() {
+    for sig in ["TERM", "HUP", "INT"] {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        let log = dir.path().join("log");
+        create_table(&db, "delete");
+        let script = format!(
+            "trap 'echo got-{sig} >> {log}' {sig}; echo started; \
+             i=0; while [ $i -lt 10 ]; do sleep 0.1; i=$((i+1)); done; \
+             echo end >> {log}; exit 5",
+            log = log.display()
+        );
+        let mut run = Command::new(cli_path())
+            .args(["run", "-o"])
+            .arg(&db)
+            .args(["--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(run.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "started");
+        let kill = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(run.id().to_string())
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let mut w = Shell::start(&db, Mode::Writelock);
+        w.run(".timeout 20000");
+        assert_eq!(w.run("INSERT INTO t VALUES (42);"), "");
+        let at_commit = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            at_commit.contains("end"),
+            "SIG{sig}: the writer committed while the command still ran: {at_commit:?}"
+        );
+        assert!(
+            at_commit.contains(&format!("got-{sig}")),
+            "SIG{sig} reached the command: {at_commit:?}"
+        );
+        assert_eq!(exits(&mut run), Some(5), "SIG{sig}: the command's status");
+        w.finish();
+    }
+}
+
+/// `python3 -c …` that blocks SIGALRM, then executes ARGS: a caller whose
+/// signal mask blocks it.
+fn with_sigalrm_blocked() -> Command {
+    let mut c = Command::new("python3");
+    c.args([
+        "-c",
+        "import os, signal, sys; \
+         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM}); \
+         os.execvp(sys.argv[1], sys.argv[1:])",
+    ]);
+    c
+}
+
+/// --timeout works for a caller that blocks SIGALRM (the signal that ends
+/// the wait): `run` exits 75 in time instead of waiting for the holder.
+#[test]
+fn run_times_out_when_the_caller_blocks_sigalrm() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    let holder = FlockHolder::hold(&lock_path(&db));
+    let t0 = Instant::now();
+    let mut run = with_sigalrm_blocked()
+        .arg(cli_path())
+        .arg("run")
+        .arg(&db)
+        .args(["--timeout", "0.3", "--", "true"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let code = loop {
+        if let Some(st) = run.try_wait().unwrap() {
+            break st.code();
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            let _ = run.kill();
+            let _ = run.wait();
+            panic!("run --timeout 0.3 still waits after 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(code, Some(75));
+    holder.release();
+}
+
+/// The command starts with its caller's signal mask, whatever `run` blocks
+/// or unblocks for itself: SigBlk in /proc/self/status is the same under
+/// `run` (with and without --timeout) as without it.
+#[test]
+fn run_gives_the_command_the_callers_signal_mask() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "delete");
+    let probe = ["grep", "^SigBlk", "/proc/self/status"];
+    let sigblk = |c: &mut Command| {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let caller = sigblk(with_sigalrm_blocked().args(probe));
+    let mask = u64::from_str_radix(caller.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_ne!(mask & (1 << (14 - 1)), 0, "SIGALRM blocked: {caller}");
+    for timeout in [&[][..], &["--timeout", "5"][..]] {
+        for close in [&[][..], &["-o"][..]] {
+            let under_run = sigblk(
+                with_sigalrm_blocked()
+                    .arg(cli_path())
+                    .arg("run")
+                    .args(close)
+                    .arg(&db)
+                    .args(timeout)
+                    .arg("--")
+                    .args(probe),
+            );
+            assert_eq!(under_run, caller, "run {close:?} {timeout:?}");
+        }
+    }
+    let plain = sigblk(Command::new(probe[0]).args(&probe[1..]));
+    let under_run = sigblk(
+        Command::new(cli_path())
+            .arg("run")
+            .arg(&db)
+            .arg("--")
+            .args(probe),
+    );
+    assert_eq!(under_run, plain, "without a wrapper");
+}
+
 // ---- ps ------------------------------------------------------------------------------
 
 /// `writelock ps DB --json`: (exit code, the object).

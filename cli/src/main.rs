@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod exit;
+mod forward;
 mod ps;
 use nix::libc;
 use writelock_core::holder::{cmdline, current_holder, holder_and_waiters};
@@ -74,7 +75,9 @@ enum Cmd {
     /// connections of the extension borrow the lock. The lock is let go by
     /// closing the descriptor when the command exits, so a process the
     /// command leaves running keeps it until that process exits (use -o to
-    /// prevent that). Exits with the command's own status.
+    /// prevent that). SIGTERM, SIGHUP, SIGINT, SIGQUIT, SIGUSR1 and SIGUSR2
+    /// sent to run are passed on to the command, and run holds the lock
+    /// until the command exits. Exits with the command's own status.
     #[command(after_help = exit::help_for("run"))]
     Run {
         /// The database file.
@@ -88,7 +91,9 @@ enum Cmd {
         /// process the command starts and leaves running (a daemon) then
         /// does not keep the lock once the command exits. The command's own
         /// connections of the extension cannot borrow the lock then: they
-        /// wait for writelock run like any other writer.
+        /// wait for writelock run like any other writer. The lock then lives
+        /// as long as writelock run: kill -9 of run frees it while the
+        /// command may go on.
         #[arg(short = 'o', long)]
         close: bool,
         /// The command and its arguments.
@@ -326,6 +331,9 @@ fn waiters(lock: &Path, flock_waiters: Vec<u32>) -> Vec<Waiter> {
 }
 
 fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> ExitCode {
+    // The command starts with the signal mask run was given.
+    let caller_mask = nix::sys::signal::SigSet::thread_get_mask()
+        .unwrap_or_else(|_| nix::sys::signal::SigSet::empty());
     // The connections lock <resolved path>.lock: so must we.
     let real = resolve_db_path(db).unwrap_or_else(|_| db.to_path_buf());
     let mut lock = match LockFile::open_as(&real, Opener::Tool) {
@@ -369,7 +377,10 @@ fn run(db: &Path, timeout: Option<f64>, close: bool, command: &[String]) -> Exit
             eprintln!("writelock: {e}");
         }
     }
-    let status = Command::new(&command[0]).args(&command[1..]).status();
+    // Signals sent to run while the command runs are passed on to it, and
+    // run holds the lock until the command has exited.
+    let status =
+        forward::run_passing_signals(Command::new(&command[0]).args(&command[1..]), caller_mask);
     // Let go by closing, as flock(1) does: a copy the command's children
     // still have keeps the lock; with none, it is free at once.
     lock.close();
@@ -403,7 +414,9 @@ extern "C" fn on_alarm(_: libc::c_int) {}
 /// thread, whose handler (installed without SA_RESTART) does nothing but
 /// make flock(2) fail with EINTR. It repeats every 10 ms until the wait has
 /// ended: a signal that lands just before the wait enters flock(2) would
-/// otherwise be lost.
+/// otherwise be lost. SIGALRM is unblocked in this thread for the wait,
+/// whatever mask the caller passed down; its mask and SIGALRM's disposition
+/// are put back afterwards.
 fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockError> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let Some(secs) = timeout else {
@@ -419,10 +432,21 @@ fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockEr
     );
     // SAFETY: the handler does nothing (async-signal-safe), and nothing else
     // in this program handles SIGALRM.
-    if let Err(e) = unsafe { sigaction(Signal::SIGALRM, &act) } {
-        eprintln!("writelock: cannot set up --timeout: {e}");
-        return Ok(false);
-    }
+    let caller_alarm = match unsafe { sigaction(Signal::SIGALRM, &act) } {
+        Ok(old) => old,
+        Err(e) => {
+            eprintln!("writelock: cannot set up --timeout: {e}");
+            return Ok(false);
+        }
+    };
+    // A caller may have SIGALRM blocked (the mask is inherited across exec):
+    // the signal would then stay pending and never end the wait. Unblock it
+    // in this thread, the one that waits; the caller's mask and disposition
+    // come back once the wait is over, so the command starts with them.
+    let caller_mask = SigSet::thread_get_mask().ok();
+    let mut alarm = SigSet::empty();
+    alarm.add(Signal::SIGALRM);
+    let _ = alarm.thread_unblock();
     let me = nix::sys::pthread::pthread_self();
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let limit = Duration::from_secs_f64(secs);
@@ -442,6 +466,13 @@ fn take_within(lock: &mut LockFile, timeout: Option<f64>) -> Result<bool, LockEr
     let taken = take_blocking(lock);
     drop(done);
     let _ = timer.join();
+    // Every SIGALRM the timer sent has been handled by now: it was sent to
+    // this thread, unblocked, before the join returned.
+    if let Some(mask) = caller_mask {
+        let _ = mask.thread_set_mask();
+    }
+    // SAFETY: puts back what was there before; nothing else handles SIGALRM.
+    let _ = unsafe { sigaction(Signal::SIGALRM, &caller_alarm) };
     taken
 }
 

@@ -54,7 +54,15 @@ pub use vfs::VFS_NAME;
 /// and to `WRITELOCK_LOG`'s target, if one is set.
 pub(crate) fn log_error(rc: c_int, msg: &str) {
     sqlite_log(rc, msg);
-    writelock_core::log::write(&level(rc), msg);
+    log_write(rc, msg);
+}
+
+/// `msg` to `WRITELOCK_LOG`'s target; the first failed write is said through
+/// SQLite's log (there is nowhere else).
+fn log_write(rc: c_int, msg: &str) {
+    if let Some(failed) = writelock_core::log::write(&level(rc), msg) {
+        sqlite_log(ffi::SQLITE_WARNING, &failed);
+    }
 }
 
 fn sqlite_log(rc: c_int, msg: &str) {
@@ -81,7 +89,7 @@ pub(crate) fn tell_user(rc: c_int, logged: &str, shown: &str) {
     sqlite_log(rc, logged);
     let seen = writelock_core::log::to_stderr_if_read(shown);
     if !(seen && writelock_core::log::goes_to_stderr()) {
-        writelock_core::log::write(&level(rc), logged);
+        log_write(rc, logged);
     }
 }
 

@@ -732,12 +732,27 @@ fn shell_script(db: &Path, env: &[(&str, &str)], script: &str, stderr: Stdio) ->
         .unwrap()
         .write_all(script.as_bytes())
         .unwrap();
+    // The extension must never hang its host: a shell still running after
+    // 30 s is killed and the test fails (instead of hanging with it).
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the shell hung: {env:?}\n{script}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let o = child.wait_with_output().unwrap();
     let (out, err) = (
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     );
-    assert!(o.status.success(), "{script}\nstdout: {out}\nstderr: {err}");
+    assert!(
+        o.status.success(),
+        "{script}\n{}\nstdout: {out}\nstderr: {err}",
+        o.status
+    );
     (out, err)
 }
 
@@ -869,7 +884,7 @@ fn a_bad_writelock_log_is_reported_and_the_extension_works() {
     let a_dir = dir.path().to_str().unwrap().to_string();
     let cases = [
         (missing.to_str().unwrap(), "No such file or directory"),
-        (a_dir.as_str(), "Is a directory"),
+        (a_dir.as_str(), "not a regular file (a directory"),
         ("stdout", "bad value 'stdout' for WRITELOCK_LOG"),
         ("on", "bad value 'on' for WRITELOCK_LOG"),
     ];
@@ -895,4 +910,90 @@ fn a_bad_writelock_log_is_reported_and_the_extension_works() {
         assert!(!err.contains("ignoring"), "not an unknown variable: {err}");
     }
     assert_eq!(count(&db), 1 + cases.len() as i64);
+}
+
+/// `WRITELOCK_LOG` naming a FIFO — nobody reading it, or someone — is
+/// refused at load (a blocking open would hang the host; a reader can
+/// vanish), reported once naming the variable, the path and the cause; the
+/// shell runs its SQL and exits 0.
+#[test]
+fn a_fifo_for_writelock_log_is_refused_without_hanging() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "wal");
+    let fifo = dir.path().join("log.fifo");
+    let ok = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(ok.success(), "mkfifo");
+    let path = fifo.to_str().unwrap();
+    let env = [("WRITELOCK_LOG", path)];
+    let before = count(&db);
+    let script = "INSERT INTO t VALUES (1);\n\
+        SELECT json_extract(writelock_status(), '$.databases[0].protected');\n";
+    let check = |err: &str, out: &str| {
+        assert_eq!(out.trim(), "1", "protected and working; {err}");
+        let reports: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("WRITELOCK_LOG"))
+            .collect();
+        assert_eq!(reports.len(), 1, "once per process: {err}");
+        assert!(
+            reports[0].contains(path) && reports[0].contains("not a regular file"),
+            "{err}"
+        );
+    };
+    let (out, err) = shell_script(&db, &env, script, Stdio::piped());
+    check(&err, &out);
+    // With a reader holding the FIFO open: refused all the same.
+    let mut reader = Command::new("sh")
+        .arg("-c")
+        .arg("exec cat \"$0\" >/dev/null")
+        .arg(&fifo)
+        .spawn()
+        .unwrap();
+    let (out, err) = shell_script(&db, &env, script, Stdio::piped());
+    let _ = reader.kill();
+    let _ = reader.wait();
+    check(&err, &out);
+    assert_eq!(count(&db), before + 2);
+}
+
+/// Writing a message when the reader of standard error is gone (a pipe whose
+/// reader exited) never kills the host with SIGPIPE: with
+/// `WRITELOCK_LOG=stderr` and a long hold, and for the warning about a
+/// database opened before loading, the shell runs its later statements and
+/// exits 0.
+#[test]
+fn a_gone_reader_of_stderr_does_not_kill_the_shell() {
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_db(&db, "delete");
+    let broken = || {
+        let (r, w) = std::io::pipe().unwrap();
+        drop(r);
+        w
+    };
+    let env = [("WRITELOCK_LOG", "stderr")];
+    let before = count(&db);
+    let script = format!("{LONG_HOLD}{LONG_HOLD}SELECT count(*) FROM t;\n");
+    let (out, _) = shell_script(&db, &env, &script, broken().into());
+    let after = (before + 2).to_string();
+    assert_eq!(
+        out.lines().last(),
+        Some(after.as_str()),
+        "the later statements ran"
+    );
+
+    // The warning at load time: app.db opened before the extension.
+    let o = Command::new("sqlite3")
+        .arg("-batch")
+        .arg("-cmd")
+        .arg(format!(".load {}", writelock_tests::so_path().display()))
+        .arg(&db)
+        .arg("SELECT count(*) FROM t;")
+        .stdin(Stdio::null())
+        .stderr(broken())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", o.status);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), after);
 }

@@ -5,7 +5,10 @@
 //!   error the extension logs also to standard error or to a file: one line
 //!   per message, with a UTC timestamp and the pid, appended with one
 //!   `write` (so lines of several processes do not mix). It is read once per
-//!   process, when the extension is loaded ([`init_from_env`]).
+//!   process, when the extension is loaded ([`init_from_env`]). A path must
+//!   be a regular file: nothing the extension opens or writes may block or
+//!   kill its host, and no write raises `SIGPIPE`
+//!   ([`crate::sys::write_all_no_sigpipe`]).
 //! * A warning the user must see — a database opened before the extension
 //!   was loaded, and so not protected — is also written to standard error,
 //!   but only when someone reads it there: a terminal or a pipe. In a daemon
@@ -13,12 +16,19 @@
 //!   nothing unasked into those ([`to_stderr_if_read`]).
 
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::libc;
 use nix::sys::stat::{fstat, SFlag};
+
+use crate::sys;
 
 use crate::options::{parse_log, LogTarget, LOG_VAR};
 
@@ -34,7 +44,8 @@ pub fn reaches_a_reader(fd: impl AsFd) -> bool {
 }
 
 /// Write `text` (a newline added) to standard error if it
-/// [reaches a reader](reaches_a_reader); whether it was written.
+/// [reaches a reader](reaches_a_reader); whether it was written. Never
+/// raises `SIGPIPE` (the reader of a pipe may be gone).
 pub fn to_stderr_if_read(text: &str) -> bool {
     let err = std::io::stderr();
     if !reaches_a_reader(err.as_fd()) {
@@ -42,7 +53,7 @@ pub fn to_stderr_if_read(text: &str) -> bool {
     }
     let mut line = text.replace('\0', "?");
     line.push('\n');
-    err.lock().write_all(line.as_bytes()).is_ok()
+    sys::write_all_no_sigpipe(err.as_fd(), line.as_bytes()).is_ok()
 }
 
 /// Where this process's messages go besides `sqlite3_log`.
@@ -53,11 +64,16 @@ enum Sink {
 }
 
 static SINK: OnceLock<Sink> = OnceLock::new();
+/// A write to the sink failed once: said once, through the caller.
+static FAILED: AtomicBool = AtomicBool::new(false);
+/// The sink's reader is gone (`EPIPE`): nothing more is written to it.
+static GONE: AtomicBool = AtomicBool::new(false);
 
 /// Read `WRITELOCK_LOG` and open its file, once per process. The call that
 /// did it gets the error, if any — a bad value, a file that cannot be
-/// opened — naming the variable, the path and the cause; every later call
-/// gets `Ok`. Messages then go to `sqlite3_log` only.
+/// opened, a path that is not a regular file — naming the variable, the
+/// path and the cause; every later call gets `Ok`. Messages then go to
+/// `sqlite3_log` only.
 pub fn init_from_env() -> Result<(), String> {
     let mut error = Ok(());
     SINK.get_or_init(|| {
@@ -83,24 +99,74 @@ pub fn init_from_env() -> Result<(), String> {
     error
 }
 
+/// What a file of this type is, for the error.
+fn kind(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    }
+}
+
+/// Open `WRITELOCK_LOG`'s file. Only a regular file (created if missing,
+/// appended to): a FIFO's open blocks until a reader comes, a device may
+/// block or be a terminal, and the extension must never hang its host.
+/// The open itself never blocks (`O_NONBLOCK`, cleared once the file is
+/// known to be regular); `/dev/null` is accepted and means nowhere.
 fn open(target: Option<&LogTarget>) -> Result<Sink, String> {
-    Ok(match target {
-        None => Sink::Nowhere,
-        Some(LogTarget::Stderr) => Sink::Stderr,
-        Some(LogTarget::File(path)) => Sink::File(
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|e| {
-                    format!(
-                        "writelock: cannot open {LOG_VAR} file {}: {e}; messages go to \
-                         sqlite3_log only",
-                        path.display()
-                    )
-                })?,
-        ),
-    })
+    let path = match target {
+        None => return Ok(Sink::Nowhere),
+        Some(LogTarget::Stderr) => return Ok(Sink::Stderr),
+        Some(LogTarget::File(path)) => path,
+    };
+    let refuse = |why: String| {
+        format!(
+            "writelock: cannot open {LOG_VAR} file {}: {why}; messages go to sqlite3_log only",
+            path.display()
+        )
+    };
+    let not_regular = |t: std::fs::FileType| {
+        refuse(format!(
+            "not a regular file ({}; {LOG_VAR}=stderr reaches a terminal or a pipe)",
+            kind(t)
+        ))
+    };
+    if let Ok(m) = std::fs::metadata(path) {
+        if is_dev_null(&m) {
+            return Ok(Sink::Nowhere);
+        }
+        if !m.is_file() {
+            return Err(not_regular(m.file_type()));
+        }
+    }
+    let f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| refuse(e.to_string()))?;
+    // Replaced since the check above: check what was opened.
+    let m = f.metadata().map_err(|e| refuse(e.to_string()))?;
+    if !m.is_file() {
+        return Err(not_regular(m.file_type()));
+    }
+    let flags = fcntl(&f, FcntlArg::F_GETFL).map_err(|e| refuse(e.to_string()))?;
+    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+    fcntl(&f, FcntlArg::F_SETFL(flags)).map_err(|e| refuse(e.to_string()))?;
+    Ok(Sink::File(f))
+}
+
+fn is_dev_null(m: &std::fs::Metadata) -> bool {
+    m.file_type().is_char_device()
+        && std::fs::metadata("/dev/null").is_ok_and(|n| (n.dev(), n.ino()) == (m.dev(), m.ino()))
 }
 
 /// Whether `WRITELOCK_LOG` sends messages to standard error.
@@ -110,16 +176,47 @@ pub fn goes_to_stderr() -> bool {
 
 /// Send one message to `WRITELOCK_LOG`'s target, if there is one: `level`
 /// is what kind of message it is (`warning`, `busy`, `error (3850)`).
-pub fn write(level: &str, msg: &str) {
+///
+/// A failed write drops the line. The first failure returns a message to
+/// report (through `sqlite3_log`: there is nowhere else); later ones are
+/// silent. After `EPIPE` (the reader of a pipe is gone) nothing more is
+/// written there; after other errors (`ENOSPC`) later lines are tried.
+#[must_use]
+pub fn write(level: &str, msg: &str) -> Option<String> {
     let line = || line(SystemTime::now(), crate::process::pid(), level, msg);
+    if GONE.load(Ordering::Relaxed) {
+        return None;
+    }
     // One write per line: O_APPEND puts each at the end, whole, even with
-    // other processes writing the same file. A failed write is dropped:
-    // there is nowhere left to report it.
-    let _ = match SINK.get() {
-        None | Some(Sink::Nowhere) => return,
-        Some(Sink::Stderr) => std::io::stderr().lock().write_all(line().as_bytes()),
-        Some(Sink::File(f)) => (&*f).write_all(line().as_bytes()),
+    // other processes writing the same file.
+    let (r, what) = match SINK.get() {
+        None | Some(Sink::Nowhere) => return None,
+        Some(Sink::Stderr) => (
+            sys::write_all_no_sigpipe(std::io::stderr().as_fd(), line().as_bytes()),
+            "standard error",
+        ),
+        Some(Sink::File(f)) => (
+            sys::write_all_no_sigpipe(f.as_fd(), line().as_bytes()),
+            "its file",
+        ),
     };
+    let e = r.err()?;
+    let gone = e == Errno::EPIPE;
+    if gone {
+        GONE.store(true, Ordering::Relaxed);
+    }
+    if FAILED.swap(true, Ordering::Relaxed) {
+        return None;
+    }
+    Some(format!(
+        "writelock: cannot write to {LOG_VAR} ({what}): {}; {}",
+        e.desc(),
+        if gone {
+            "no more messages go there"
+        } else {
+            "lines are dropped while writes fail, and this is said only once"
+        }
+    ))
 }
 
 /// `2025-01-31T12:00:00.123Z writelock[4242] warning: process 4242 held …`:
@@ -211,6 +308,29 @@ mod tests {
                 && e.contains("No such file or directory"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn only_a_regular_file_is_opened_and_dev_null_is_nowhere() {
+        let dir = std::env::temp_dir().join(format!("writelock-log-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for (p, kind) in [(&fifo, "a FIFO"), (&dir, "a directory")] {
+            let Err(e) = open(Some(&LogTarget::File(p.clone()))) else {
+                panic!("opened {p:?}");
+            };
+            assert!(e.contains("not a regular file") && e.contains(kind), "{e}");
+        }
+        let null = LogTarget::File("/dev/null".into());
+        assert!(matches!(open(Some(&null)), Ok(Sink::Nowhere)));
+        let file = dir.join("w.log");
+        let Ok(Sink::File(f)) = open(Some(&LogTarget::File(file.clone()))) else {
+            panic!("a regular file, created");
+        };
+        let flags = OFlag::from_bits_truncate(fcntl(&f, FcntlArg::F_GETFL).unwrap());
+        assert!(flags.contains(OFlag::O_APPEND) && !flags.contains(OFlag::O_NONBLOCK));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

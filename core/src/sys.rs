@@ -5,7 +5,8 @@
 //!   which a forked child must never do), `fstat` on a descriptor number that
 //!   may be closed meanwhile, `mmap`/`munmap` of the shared page, the shared
 //!   (not private) futex, `pthread_atfork`, and what the fork handler does in
-//!   the child (`open`, `pipe2`, `dup2`, `close`, `getpid`: async-signal-safe).
+//!   the child (`open`, `pipe2`, `dup2`, `close`, `getpid`: async-signal-safe),
+//!   and a `write` that never raises `SIGPIPE` in the host (signal masks).
 //! * Atomics that live in a shared file mapping.
 //! * Two lock-free structures the fork handler needs: the list of
 //!   descriptors the extension owns (read by the handler in the child while
@@ -17,7 +18,7 @@
 //! The rest of the crate is `#![deny(unsafe_code)]`.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -191,6 +192,62 @@ pub(crate) fn make_inert(fds: &FdList) {
     });
     // SAFETY: `inert` is ours and no longer needed (its duplicates stay).
     unsafe { libc::close(inert) };
+}
+
+/// Write all of `buf` to `fd` without ever raising `SIGPIPE` in the process
+/// (the host may not ignore it: the default action kills it). `SIGPIPE` is
+/// blocked in this thread around the write; if the write failed with
+/// `EPIPE` and no `SIGPIPE` was pending before, the one the write raised is
+/// taken (it is directed at this thread) before the mask is restored. A
+/// `SIGPIPE` of the host's own, pending before, is left alone. Interrupted
+/// writes are retried; short ones continue.
+pub fn write_all_no_sigpipe(fd: BorrowedFd<'_>, mut buf: &[u8]) -> Result<(), Errno> {
+    let mut pipe = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    let mut pending = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset/sigaddset initialise the set they are given;
+    // pthread_sigmask fills `old` on success (checked); sigpending fills
+    // `pending` on success (checked). Only this thread's mask changes, and
+    // it is restored below on every path.
+    let (pipe, old, was_pending) = unsafe {
+        libc::sigemptyset(pipe.as_mut_ptr());
+        libc::sigaddset(pipe.as_mut_ptr(), libc::SIGPIPE);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, pipe.as_ptr(), old.as_mut_ptr()) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let was_pending = libc::sigpending(pending.as_mut_ptr()) != 0
+            || libc::sigismember(pending.as_ptr(), libc::SIGPIPE) == 1;
+        (pipe.assume_init(), old.assume_init(), was_pending)
+    };
+    let mut result = Ok(());
+    while !buf.is_empty() {
+        // SAFETY: write reads at most `buf.len()` bytes of a live slice.
+        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        match Errno::result(n) {
+            Ok(0) => {
+                result = Err(Errno::EIO);
+                break;
+            }
+            Ok(n) => buf = &buf[(n as usize).min(buf.len())..],
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if result == Err(Errno::EPIPE) && !was_pending {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: takes a pending SIGPIPE (blocked here), if any, without
+        // waiting; no siginfo wanted (NULL).
+        unsafe { libc::sigtimedwait(&pipe, ptr::null_mut(), &zero) };
+    }
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut()) };
+    result
 }
 
 // ---- the descriptor list ------------------------------------------------------
@@ -415,6 +472,29 @@ mod tests {
         }
         drop(m);
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_write_to_a_pipe_without_reader_is_epipe_and_no_signal() {
+        use std::os::fd::AsFd;
+        let (r, w) = std::io::pipe().unwrap();
+        drop(r);
+        // The test harness ignores SIGPIPE; a host may not: with the default
+        // action the raised signal would stay pending here (blocked), so
+        // check nothing is left pending after the call.
+        assert_eq!(write_all_no_sigpipe(w.as_fd(), b"x\n"), Err(Errno::EPIPE));
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigpending fills the set on success (asserted).
+        let set = unsafe {
+            assert_eq!(libc::sigpending(set.as_mut_ptr()), 0);
+            set.assume_init()
+        };
+        // SAFETY: a set initialised above.
+        assert_eq!(unsafe { libc::sigismember(&set, libc::SIGPIPE) }, 0);
+        let (r, w) = std::io::pipe().unwrap();
+        assert_eq!(write_all_no_sigpipe(w.as_fd(), b"ok"), Ok(()));
+        drop(w);
+        assert_eq!(std::io::read_to_string(r).unwrap(), "ok");
     }
 
     #[test]

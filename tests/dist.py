@@ -815,7 +815,9 @@ def docs_section(a):
 
     readme = (REPO / "README.md").read_text()
     first = code_blocks(readme)[:1]
-    check(sec, first and [l.split()[:2] for l in first[0].splitlines()[:2]] == [["make", "demo"], ["make", "test"]],
+    # The block's commands, without the comment lines that continue them.
+    commands = [l.split()[:2] for l in first[0].splitlines() if l.strip() and not l.lstrip().startswith("#")] if first else []
+    check(sec, commands[:2] == [["make", "demo"], ["make", "test"]],
           "README.md opens with `make demo` and `make test`", first)
     heads = re.findall(r"^## (.+)$", readme, re.M)
     check(sec, heads[:1] == ["Install"], "README.md's first section after them is Install", heads[:3])

@@ -2,15 +2,15 @@
 //! names the process that holds the lock, `run` excludes writers, `watch`
 //! sees holds come and go. Each shows what differs without the extension.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use writelock_tests::{
-    cli_path, create_table, lock_path, open, outside_flock_free, proc_locks_on, tempdir,
-    wait_until, FlockHolder, Mode, Shell,
+    cli_path, create_table, lock_path, open, outside_flock_free, proc_locks_on,
+    spawn_until_first_line, tempdir, wait_until, FlockHolder, Mode, Shell,
 };
 
 fn status_json(db: &Path) -> Value {
@@ -79,18 +79,13 @@ fn run_holds_the_lock_for_the_command_and_passes_its_status() {
         let dir = tempdir();
         let db = dir.path().join("app.db");
         create_table(&db, "wal");
-        let mut job = Command::new(cli_path())
-            .arg("run")
-            .arg(&db)
-            .args(["--", "sh", "-c", "echo started; read _; exit 7"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(job.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut job, _, line) = spawn_until_first_line(
+            &mut Command::new(cli_path())
+                .arg("run")
+                .arg(&db)
+                .args(["--", "sh", "-c", "echo started; read _; exit 7"])
+                .stdin(Stdio::piped()),
+        );
         assert_eq!(line.trim(), "started");
         let mut w = Shell::start(&db, mode);
         w.run(".timeout 200");
@@ -168,16 +163,13 @@ fn watch_sees_a_hold_come_and_go() {
     let db = dir.path().join("app.db");
     create_table(&db, "wal");
     std::fs::File::create(lock_path(&db)).unwrap();
-    let mut watch = Command::new(cli_path())
-        .arg("watch")
-        .arg(&db)
-        .args(["--for", "1.5", "--interval-ms", "5"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(watch.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut watch, mut out, line) =
+        spawn_until_first_line(&mut Command::new(cli_path()).arg("watch").arg(&db).args([
+            "--for",
+            "1.5",
+            "--interval-ms",
+            "5",
+        ]));
     assert!(line.contains("watching"), "{line}");
     let mut sh = Shell::start(&db, Mode::Writelock);
     sh.run("BEGIN IMMEDIATE; INSERT INTO t VALUES (1);");
@@ -211,16 +203,13 @@ fn watch_misses_no_short_hold() {
         std::fs::File::create(lock_path(&db)).unwrap();
         // Created before the watch starts, so its first look finds the page.
         drop(open(&db, Mode::Writelock));
-        let mut watch = Command::new(cli_path())
-            .arg("watch")
-            .arg(&db)
-            .args(["--for", "1.2", "--interval-ms", "300"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(watch.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
+        let (mut watch, mut out, line) =
+            spawn_until_first_line(&mut Command::new(cli_path()).arg("watch").arg(&db).args([
+                "--for",
+                "1.2",
+                "--interval-ms",
+                "300",
+            ]));
         assert!(line.contains("watching"), "{line}");
         let mut sh = Shell::start(&db, mode);
         sh.run(&"INSERT INTO t VALUES (1);".repeat(20));
@@ -406,16 +395,13 @@ fn watch_says_how_it_sees_a_flock_holder() {
     create_table(&db, "wal");
     std::fs::File::create(lock_path(&db)).unwrap();
     drop(open(&db, Mode::Writelock));
-    let mut watch = Command::new(cli_path())
-        .arg("watch")
-        .arg(&db)
-        .args(["--for", "2", "--interval-ms", "5"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(watch.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
+    let (mut watch, mut out, line) =
+        spawn_until_first_line(&mut Command::new(cli_path()).arg("watch").arg(&db).args([
+            "--for",
+            "2",
+            "--interval-ms",
+            "5",
+        ]));
     assert!(
         line.contains("watching") && line.contains("/proc/locks every 100 ms"),
         "{line}"
@@ -588,17 +574,12 @@ fn run_o_passes_a_signal_on_and_holds_the_lock_until_the_command_exits() {
              echo end >> {log}; exit 5",
             log = log.display()
         );
-        let mut run = Command::new(cli_path())
-            .args(["run", "-o"])
-            .arg(&db)
-            .args(["--", "sh", "-c", &script])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(run.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut run, _, line) = spawn_until_first_line(
+            &mut Command::new(cli_path())
+                .args(["run", "-o"])
+                .arg(&db)
+                .args(["--", "sh", "-c", &script]),
+        );
         assert_eq!(line.trim(), "started");
         let kill = Command::new("kill")
             .arg(format!("-{sig}"))
@@ -734,20 +715,15 @@ fn ps_entry(v: &Value, pid: u32) -> Option<&Value> {
 /// A python process that opened `db` with `open(db, 'rb')` (O_RDONLY) and
 /// keeps it open until its stdin closes.
 fn python_reader(db: &Path) -> Child {
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); sys.stdin.read()",
-        ])
-        .arg(db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 is needed");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (child, _, line) = spawn_until_first_line(
+        Command::new("python3")
+            .args([
+                "-c",
+                "import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); sys.stdin.read()",
+            ])
+            .arg(db)
+            .stdin(Stdio::piped()),
+    );
     assert_eq!(line.trim(), "open");
     child
 }

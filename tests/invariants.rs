@@ -8,7 +8,7 @@
 //! extension does as well as stock SQLite, and that it was active.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +20,7 @@ use serde_json::Value;
 use writelock_tests::procs::{python, KillOnDrop, Proc};
 use writelock_tests::{
     apsw_python, cli_path, create_table, lock_path, open, outside_flock_free, so_path,
-    system_python, tempdir, wait_until, FlockHolder, Mode, Shell,
+    spawn_until_first_line, system_python, tempdir, wait_until, FlockHolder, Mode, Shell,
 };
 
 const JOURNAL_MODES: [&str; 2] = ["wal", "delete"];
@@ -1989,18 +1989,13 @@ fn writelock_run_on_a_dangling_symlink_locks_the_database_sqlite_will_create() {
         std::fs::create_dir(dir.path().join("data")).unwrap();
         let link = dir.path().join("app.db");
         std::os::unix::fs::symlink("data/app.db", &link).unwrap();
-        let mut run = Command::new(cli_path())
-            .arg("run")
-            .arg(&link)
-            .args(["--", "sh", "-c", "echo held; read _ || true"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(run.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut run, _, line) = spawn_until_first_line(
+            &mut Command::new(cli_path())
+                .arg("run")
+                .arg(&link)
+                .args(["--", "sh", "-c", "echo held; read _ || true"])
+                .stdin(Stdio::piped()),
+        );
         assert_eq!(line.trim(), "held");
         let mut sh = Shell::start(&link, mode);
         let out = sh.run("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1);");

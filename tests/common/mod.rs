@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::OnceLock;
 
 use rusqlite::{Connection, OpenFlags};
@@ -198,18 +198,13 @@ pub struct FlockHolder {
 impl FlockHolder {
     /// Start `flock -x FILE sh -c 'echo held; read _ || true'` and wait for "held".
     pub fn hold(file: &Path) -> FlockHolder {
-        let mut child = Command::new("flock")
-            .arg("-x")
-            .arg(file)
-            .args(["sh", "-c", "echo held; read _ || true"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("flock(1) from util-linux is needed");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut child, _, line) = spawn_until_first_line(
+            &mut Command::new("flock")
+                .arg("-x")
+                .arg(file)
+                .args(["sh", "-c", "echo held; read _ || true"])
+                .stdin(Stdio::piped()),
+        );
         assert_eq!(line.trim(), "held");
         let stdin = child.stdin.take();
         FlockHolder { child, stdin }
@@ -425,4 +420,19 @@ impl Rng {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
+}
+
+/// Spawn `cmd` with its standard output piped and wait for its first line:
+/// the child, a reader of the rest of its output, and that line without its
+/// newline. The line is the child's own signal that it is ready.
+pub fn spawn_until_first_line(cmd: &mut Command) -> (Child, BufReader<ChildStdout>, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{:?} could not start: {e}", cmd.get_program()));
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    line.truncate(line.trim_end_matches('\n').len());
+    (child, out, line)
 }

@@ -416,18 +416,10 @@ fn open_file(
     owner: Option<(u32, u32)>,
     opener: Opener,
 ) -> Result<File, LockError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(mode)
-        // O_NONBLOCK: opening a FIFO someone put there must not hang us.
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| LockError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let file = open_beside(path, mode).map_err(|source| LockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if opener == Opener::Extension {
         process::register_fd(file.as_raw_fd());
     }
@@ -438,6 +430,20 @@ fn open_file(
             Err(e)
         }
     }
+}
+
+/// Open one of our files beside the database (`<db>.lock`, its page) for
+/// reading and writing, creating it with `mode`: never through a symlink
+/// (`O_NOFOLLOW`), and never blocking on a FIFO someone put there
+/// (`O_NONBLOCK`). The caller checks what it opened.
+pub(crate) fn open_beside(path: &Path, mode: u32) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// What [`open_file`] checks and fixes once the file is open.

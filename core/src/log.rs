@@ -99,23 +99,6 @@ pub fn init_from_env() -> Result<(), String> {
     error
 }
 
-/// What a file of this type is, for the error.
-fn kind(t: std::fs::FileType) -> &'static str {
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else {
-        "not a file"
-    }
-}
-
 /// Open `WRITELOCK_LOG`'s file. Only a regular file (created if missing,
 /// appended to): a FIFO's open blocks until a reader comes, a device may
 /// block or be a terminal, and the extension must never hang its host.
@@ -135,8 +118,8 @@ fn open(target: Option<&LogTarget>) -> Result<Sink, String> {
     };
     let not_regular = |t: std::fs::FileType| {
         refuse(format!(
-            "not a regular file ({}; {LOG_VAR}=stderr reaches a terminal or a pipe)",
-            kind(t)
+            "not a regular file (a {}; {LOG_VAR}=stderr reaches a terminal or a pipe)",
+            crate::lockfile::kind_of(t)
         ))
     };
     if let Ok(m) = std::fs::metadata(path) {

@@ -251,13 +251,7 @@ impl Page {
     /// Open (creating) and map `path`. Fails for anything that is not a
     /// regular file, a symlink (`O_NOFOLLOW`), or a page of another format.
     fn open(path: &Path, mode: u32) -> std::io::Result<Page> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)?;
+        let file = crate::lockfile::open_beside(path, mode)?;
         // Registered at once: a fork right after must not leave the child the
         // description whose slot locks this process takes next.
         crate::process::register_fd(file.as_raw_fd());

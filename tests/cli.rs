@@ -80,7 +80,7 @@ fn run_holds_the_lock_for_the_command_and_passes_its_status() {
         let db = dir.path().join("app.db");
         create_table(&db, "wal");
         let (mut job, _, line) = spawn_until_first_line(
-            &mut Command::new(cli_path())
+            Command::new(cli_path())
                 .arg("run")
                 .arg(&db)
                 .args(["--", "sh", "-c", "echo started; read _; exit 7"])
@@ -164,7 +164,7 @@ fn watch_sees_a_hold_come_and_go() {
     create_table(&db, "wal");
     std::fs::File::create(lock_path(&db)).unwrap();
     let (mut watch, mut out, line) =
-        spawn_until_first_line(&mut Command::new(cli_path()).arg("watch").arg(&db).args([
+        spawn_until_first_line(Command::new(cli_path()).arg("watch").arg(&db).args([
             "--for",
             "1.5",
             "--interval-ms",
@@ -204,7 +204,7 @@ fn watch_misses_no_short_hold() {
         // Created before the watch starts, so its first look finds the page.
         drop(open(&db, Mode::Writelock));
         let (mut watch, mut out, line) =
-            spawn_until_first_line(&mut Command::new(cli_path()).arg("watch").arg(&db).args([
+            spawn_until_first_line(Command::new(cli_path()).arg("watch").arg(&db).args([
                 "--for",
                 "1.2",
                 "--interval-ms",
@@ -396,7 +396,7 @@ fn watch_says_how_it_sees_a_flock_holder() {
     std::fs::File::create(lock_path(&db)).unwrap();
     drop(open(&db, Mode::Writelock));
     let (mut watch, mut out, line) =
-        spawn_until_first_line(&mut Command::new(cli_path()).arg("watch").arg(&db).args([
+        spawn_until_first_line(Command::new(cli_path()).arg("watch").arg(&db).args([
             "--for",
             "2",
             "--interval-ms",
@@ -575,7 +575,7 @@ fn run_o_passes_a_signal_on_and_holds_the_lock_until_the_command_exits() {
             log = log.display()
         );
         let (mut run, _, line) = spawn_until_first_line(
-            &mut Command::new(cli_path())
+            Command::new(cli_path())
                 .args(["run", "-o"])
                 .arg(&db)
                 .args(["--", "sh", "-c", &script]),

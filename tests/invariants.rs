@@ -1990,7 +1990,7 @@ fn writelock_run_on_a_dangling_symlink_locks_the_database_sqlite_will_create() {
         let link = dir.path().join("app.db");
         std::os::unix::fs::symlink("data/app.db", &link).unwrap();
         let (mut run, _, line) = spawn_until_first_line(
-            &mut Command::new(cli_path())
+            Command::new(cli_path())
                 .arg("run")
                 .arg(&link)
                 .args(["--", "sh", "-c", "echo held; read _ || true"])

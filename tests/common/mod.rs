@@ -199,7 +199,7 @@ impl FlockHolder {
     /// Start `flock -x FILE sh -c 'echo held; read _ || true'` and wait for "held".
     pub fn hold(file: &Path) -> FlockHolder {
         let (mut child, _, line) = spawn_until_first_line(
-            &mut Command::new("flock")
+            Command::new("flock")
                 .arg("-x")
                 .arg(file)
                 .args(["sh", "-c", "echo held; read _ || true"])

@@ -101,6 +101,58 @@ fn run_holds_the_lock_for_the_command_and_passes_its_status() {
     }
 }
 
+/// `run` locks a lock file it may only read, as `flock(1)` does: a backup
+/// run by a user who may read the database but not write it. The lock still
+/// excludes the extension's writers (stock ones ignore it).
+#[test]
+fn run_locks_a_lock_file_it_may_only_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let db = dir.path().join("app.db");
+    create_table(&db, "wal");
+    let lock = lock_path(&db);
+    std::fs::write(&lock, b"").unwrap();
+    // /proc/self belongs to the process's effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let mut cmd = if root {
+        // Root may write anything: run as nobody, who may read only.
+        let mode = std::fs::Permissions::from_mode;
+        std::fs::set_permissions(dir.path(), mode(0o755)).unwrap();
+        std::fs::set_permissions(&db, mode(0o644)).unwrap();
+        std::fs::set_permissions(&lock, mode(0o644)).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(cli_path());
+        c
+    } else {
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o444)).unwrap();
+        Command::new(cli_path())
+    };
+    let (mut job, _, line) = spawn_until_first_line(
+        cmd.arg("run")
+            .arg(&db)
+            .args(["--", "sh", "-c", "echo started; read _"])
+            .stdin(Stdio::piped()),
+    );
+    assert_eq!(line.trim(), "started", "run refused a read-only lock file");
+    assert!(!outside_flock_free(&db), "held while the command runs");
+    if root {
+        for mode in Mode::BOTH {
+            let mut w = Shell::start(&db, mode);
+            w.run(".timeout 200");
+            let out = w.run("INSERT INTO t VALUES (1);");
+            match mode {
+                Mode::Writelock => assert!(out.contains("database is locked"), "{out:?}"),
+                Mode::Stock => assert_eq!(out, "", "stock writers ignore the lock"),
+            }
+            w.finish();
+        }
+    }
+    job.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert_eq!(job.wait().unwrap().code(), Some(0));
+    assert!(outside_flock_free(&db), "free once the command exited");
+}
+
 #[test]
 fn run_times_out_with_75_naming_the_holder() {
     let dir = tempdir();

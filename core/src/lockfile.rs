@@ -416,10 +416,23 @@ fn open_file(
     owner: Option<(u32, u32)>,
     opener: Opener,
 ) -> Result<File, LockError> {
-    let file = open_beside(path, mode).map_err(|source| LockError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = match open_beside(path, mode) {
+        Ok(f) => f,
+        // A tool may lock a file it can only read, as `flock(1)` does: a
+        // backup run by a user who may read the database but not write it.
+        // (`flock` needs no write access; a connection's OFD write locks do.)
+        Err(e) if opener == Opener::Tool && read_only_would_do(&e) => open_existing_read_only(path)
+            .map_err(|_| LockError::Open {
+                path: path.to_path_buf(),
+                source: e,
+            })?,
+        Err(source) => {
+            return Err(LockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
     if opener == Opener::Extension {
         process::register_fd(file.as_raw_fd());
     }
@@ -442,6 +455,24 @@ pub(crate) fn open_beside(path: &Path, mode: u32) -> std::io::Result<File> {
         .write(true)
         .create(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Whether a failed read-write open of an existing lock file may be
+/// retried read-only: no permission to write it, or a read-only filesystem.
+fn read_only_would_do(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
+    )
+}
+
+/// An existing lock file, read-only, with [`open_beside`]'s care (no
+/// symlinks, no blocking on a FIFO); never created.
+fn open_existing_read_only(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
 }

@@ -10,6 +10,39 @@ use writelock_tests::{
     Shell,
 };
 
+/// No word on the shared page holds a writer back for long: a hand-off
+/// reservation damaged to last for ever (or written by a process whose
+/// monotonic clock runs elsewhere) binds nobody beyond the hand-off grace,
+/// so the next writer still gets the lock at once. Stock SQLite never reads
+/// the page.
+#[test]
+fn a_damaged_handoff_word_holds_no_writer_back() {
+    use std::io::{Seek, SeekFrom, Write};
+    for journal in ["delete", "wal"] {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            create_table(&db, journal);
+            let w = open(&db, mode);
+            w.busy_timeout(Duration::from_millis(1000)).unwrap();
+            w.execute_batch("INSERT INTO t VALUES (0);").unwrap();
+            // The reservation word (bytes 64..72): slot 65534, until the end of time.
+            let page = writelock_core::page::page_path_for(&lock_path(&db));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&page)
+                .unwrap();
+            f.seek(SeekFrom::Start(64)).unwrap();
+            f.write_all(&[0xff; 8]).unwrap();
+            drop(f);
+            let r = w.execute_batch("INSERT INTO t VALUES (1);");
+            assert!(r.is_ok(), "{journal} {mode:?}: {r:?}");
+        }
+    }
+}
+
 /// Two connections in one thread: the second writer waits its busy_timeout
 /// for a lock its own thread holds, then gets `database is locked`.
 #[test]

@@ -659,7 +659,7 @@ impl Page {
                 let st = self.slot_u32(i, S_STATE).load(Ordering::Acquire);
                 let arrival = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
                 let live = self.slot_u64(i, S_EXPIRES).load(Ordering::Relaxed) > now;
-                (st != FREE && arrival != 0 && live)
+                (st != FREE && arrival != 0 && arrival <= now && live)
                     .then(|| (i, self.slot_u32(i, S_PID).load(Ordering::Relaxed), arrival))
             })
             .collect();
@@ -694,8 +694,11 @@ impl Page {
             .filter_map(|i| {
                 let st = self.slot_u32(i, S_STATE).load(Ordering::Acquire);
                 let arrival = self.slot_u64(i, S_ARRIVAL).load(Ordering::Acquire);
+                // An arrival after now was not written by a waiter (a
+                // damaged page): such a slot is nobody, and never the oldest.
                 let live = st != FREE
                     && arrival != 0
+                    && arrival <= now
                     && self.slot_u64(i, S_EXPIRES).load(Ordering::Relaxed) > now;
                 live.then_some(policy::Waiter {
                     slot: i,

@@ -96,10 +96,16 @@ pub fn on_release(now_ns: u64, live: &[Waiter], handoff_after_ns: u64) -> Releas
 
 /// Whether a handle that owns slot `mine` (None: not queued) may try to
 /// take the free lock at `now_ns`, given the page's hand-off.
+///
+/// A reservation never lasts longer than [`HANDOFF_GRACE_NS`] from now: one
+/// that ends later was not written by a release (a damaged page, a process
+/// whose monotonic clock runs elsewhere, as in another time namespace) and
+/// binds nobody, so no word on the page can hold the lock back for longer.
 pub fn may_take(now_ns: u64, handoff: Option<Handoff>, mine: Option<usize>) -> bool {
     match handoff {
         None => true,
         Some(h) if h.until_ns <= now_ns => true,
+        Some(h) if h.until_ns > now_ns.saturating_add(HANDOFF_GRACE_NS) => true,
         Some(h) => Some(h.slot) == mine,
     }
 }
@@ -175,6 +181,36 @@ mod tests {
         assert!(!may_take(9 * MS, h, None));
         assert!(may_take(10 * MS, h, None), "expired");
         assert!(may_take(0, None, None));
+    }
+
+    #[test]
+    fn no_word_reserves_the_lock_for_longer_than_the_grace() {
+        let now = 50 * MS;
+        // What a release writes: binding until it expires.
+        let fresh = on_release(
+            now,
+            &[Waiter {
+                slot: 4,
+                arrival_ns: 0,
+                asleep: true,
+            }],
+            0,
+        )
+        .handoff;
+        assert!(!may_take(now, fresh, None));
+        // Any word at all, damaged or from another clock: free by now + grace.
+        for w in [
+            u64::MAX,
+            0xffff_ffff_0000_0000,
+            0x0001_ffff_ffff_ffff,
+            1 << 48,
+        ] {
+            let h = Handoff::from_word(w);
+            assert!(
+                may_take(now + HANDOFF_GRACE_NS, h, None),
+                "{w:#x} still binds after the grace"
+            );
+        }
     }
 
     /// One simulated contender.

@@ -188,6 +188,16 @@ pub const MARKER_BYTE: i64 = 2;
 /// Byte a borrowing handle holds a write lock on while it borrows.
 const BORROW_BYTE: i64 = 3;
 
+/// Byte of the *database file* every writer of the extension holds an OFD
+/// read lock on while it holds the flock: in SQLite's lock page, past the
+/// 512 bytes SQLite locks there (a page nothing ever reads or writes as
+/// data). It outlives `<db>.lock` and its page: when both are deleted in the
+/// middle of a transaction, a writer of the fresh lock file still finds the
+/// old file's writer here and waits for it. The application's stray
+/// `close()` of the database cannot cancel it (an OFD lock belongs to the
+/// extension's own open file description).
+pub const DB_WRITER_BYTE: i64 = 0x4000_0000 + 0x300;
+
 /// The OFD shadow lock a handle holds (see [`LockFile::shadow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Shadow {
@@ -265,6 +275,10 @@ pub struct LockFile {
     /// When the current hold began (monotonic, and ms since the epoch), for
     /// the ring of recent holds.
     held_since: Option<(std::time::Instant, u64)>,
+    /// The database file, read-only, for [`DB_WRITER_BYTE`]; opened at the
+    /// first hold (readers never need it). Its path, to open it.
+    db: Option<File>,
+    db_path: PathBuf,
 }
 
 /// Identifies this copy of the extension in this process in the holder
@@ -571,6 +585,8 @@ impl LockFile {
             queue_slot: None,
             handoff_after: std::time::Duration::from_millis(crate::options::DEFAULT_HANDOFF_MS),
             held_since: None,
+            db: None,
+            db_path: db_path.to_path_buf(),
         };
         lf.adopt()?;
         lf.page = Page::for_lock_file(&lf.path, mode);
@@ -776,7 +792,7 @@ impl LockFile {
         loop {
             match sys::flock(self.file.as_raw_fd(), op) {
                 Ok(()) => {
-                    if self.split_holder() {
+                    if self.split_holder() || !self.mark_writer() {
                         // A live holder of the deleted or replaced lock file
                         // is still in its transaction: wait for it.
                         let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
@@ -786,6 +802,7 @@ impl LockFile {
                     if let Some(p) = &self.page {
                         if !block && !p.may_take(self.queue_slot) {
                             // Reserved for the oldest waiter: not ours to take.
+                            self.unmark_writer();
                             let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
                             self.counters.yields += 1;
                             return Ok(false);
@@ -805,6 +822,7 @@ impl LockFile {
                         if let Some(p) = &self.page {
                             p.clear_holder(self.record);
                         }
+                        self.unmark_writer();
                         let _ = sys::flock(self.file.as_raw_fd(), libc::LOCK_UN);
                         reopens += 1;
                         if reopens > 3 {
@@ -876,6 +894,12 @@ impl LockFile {
             return Ok(false);
         }
         if self.ofd_lock(BORROW_BYTE, libc::F_WRLCK)? {
+            if !self.mark_writer() {
+                // A writer of a deleted lock file is still in its transaction.
+                let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
+                self.counters.split_waits += 1;
+                return Ok(false);
+            }
             let claimed = match &self.page {
                 None => true,
                 Some(p) => match claim_borrowed(p, seen, me, self.key) {
@@ -892,9 +916,70 @@ impl LockFile {
                 self.counters.borrows += 1;
                 return Ok(true);
             }
+            self.unmark_writer();
             let _ = self.ofd_lock(BORROW_BYTE, libc::F_UNLCK);
         }
         Ok(false)
+    }
+
+    /// The database file, read-only, for [`DB_WRITER_BYTE`] (opened once,
+    /// and registered so that a forked child makes its copy inert). None
+    /// for tools, or if it cannot be opened: the flock stays the lock, this
+    /// is the second check for the case where its files were deleted.
+    fn db_file(&mut self) -> Option<&File> {
+        if self.opener != Opener::Extension || self.check_pid().is_err() {
+            return None;
+        }
+        if self.db.is_none() {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.db_path)
+                .ok()?;
+            process::register_fd(f.as_raw_fd());
+            self.db = Some(f);
+        }
+        self.db.as_ref()
+    }
+
+    /// Take [`DB_WRITER_BYTE`] beside the flock just taken: `false` when a
+    /// writer of another `<db>.lock` (deleted, with its page, in the middle
+    /// of its transaction) holds it — the caller lets go and waits. A read
+    /// lock (the descriptor is read-only), so the check is a look after
+    /// taking it: of two writers of different lock files that take it at
+    /// the same moment, both see the other and both wait a round.
+    fn mark_writer(&mut self) -> bool {
+        let Some(f) = self.db_file() else {
+            return true;
+        };
+        let fl = ofd(DB_WRITER_BYTE, libc::F_RDLCK);
+        if nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_err() {
+            return true; // nothing to check with; the flock stays the lock
+        }
+        if self.writer_elsewhere() {
+            self.unmark_writer();
+            return false;
+        }
+        true
+    }
+
+    /// Let go of [`DB_WRITER_BYTE`] (nothing if never taken).
+    fn unmark_writer(&mut self) {
+        if let Some(f) = &self.db {
+            let fl = ofd(DB_WRITER_BYTE, libc::F_UNLCK);
+            let _ = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl));
+        }
+    }
+
+    /// Whether another open file description holds [`DB_WRITER_BYTE`] of the
+    /// database: a writer of the extension, whatever lock file it holds.
+    fn writer_elsewhere(&mut self) -> bool {
+        let Some(f) = self.db_file() else {
+            return false;
+        };
+        let mut fl = ofd(DB_WRITER_BYTE, libc::F_WRLCK);
+        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+            .is_ok_and(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
     }
 
     /// Note when the hold began, as the holder record says (tools match the
@@ -918,6 +1003,7 @@ impl LockFile {
         if was == Hold::No {
             return;
         }
+        self.unmark_writer();
         if let (Some(p), Some((t0, start_ms))) = (&self.page, self.held_since.take()) {
             // Still holding: holders write the ring one at a time.
             let f = match (was, self.opener) {
@@ -1078,8 +1164,10 @@ impl LockFile {
         }
     }
 
-    /// Whether another open file description holds `LOCK_EX` now. Probes with
-    /// `LOCK_SH|LOCK_NB`, released at once; used only on the rare hot-journal path.
+    /// Whether another open file description holds `LOCK_EX` now, or a
+    /// writer of a deleted lock file is still in its transaction (it holds
+    /// [`DB_WRITER_BYTE`]). Probes with `LOCK_SH|LOCK_NB`, released at once;
+    /// used only on the rare hot-journal path.
     pub fn held_elsewhere(&mut self) -> Result<bool, LockError> {
         self.check_pid()?;
         if self.hold != Hold::No {
@@ -1089,7 +1177,7 @@ impl LockFile {
         match sys::flock(fd, libc::LOCK_SH | libc::LOCK_NB) {
             Ok(()) => {
                 let _ = sys::flock(fd, libc::LOCK_UN);
-                Ok(self.split_holder())
+                Ok(self.split_holder() || self.writer_elsewhere())
             }
             Err(Errno::EWOULDBLOCK) => Ok(true),
             Err(errno) => Err(self.flock_error(errno)),
@@ -1114,6 +1202,12 @@ impl Drop for LockFile {
                 unlock_all_ofd(&self.file);
             }
             process::forget_fd(self.file.as_raw_fd());
+            if let Some(db) = self.db.take() {
+                if mine {
+                    unlock_all_ofd(&db);
+                }
+                process::forget_fd(db.as_raw_fd());
+            }
         }
     }
 }

@@ -1758,6 +1758,76 @@ fn a_forked_child_never_deletes_its_parents_journal() {
     }
 }
 
+const ORPHANED_CHILD: &str = r#"
+import signal, time
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 0)
+con.execute("PRAGMA cache_size=10")
+con.execute("BEGIN IMMEDIATE")
+con.execute("UPDATE t SET v = 1")  # spills: the database is half-written, the journal hot
+pid = os.fork()
+if pid == 0:
+    con.close()  # what it inherited, as an exiting child does
+    parent = os.getppid()
+    os.kill(parent, signal.SIGKILL)
+    while True:  # until the parent is dead (a zombie, or reaped)
+        try:
+            with open(f"/proc/{parent}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.005)
+    try:
+        c2 = connect(db, vfs, 5)
+        c2.execute("INSERT INTO t VALUES (2, 'child')")
+        half = c2.execute("SELECT count(*) FROM t WHERE v = 1").fetchone()[0]
+        ok = c2.execute("PRAGMA integrity_check").fetchone()[0]
+        print(json.dumps(["wrote", half, ok]), flush=True)
+    except sqlite3.Error as e:
+        print(json.dumps([str(e), -1, ""]), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"#;
+
+/// The other half: once the parent is dead, its journal is an ordinary hot
+/// journal, and a new connection of the child rolls it back and writes, as
+/// any process would. (It used to stay refused for the child's life: every
+/// write of the child failed with `disk I/O error`.) Stock's child deleted
+/// the journal when it closed the inherited connection, so the parent's
+/// half-written update may stay in the database.
+#[test]
+fn a_forked_child_recovers_its_dead_parents_journal() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        let c = open(&db, Mode::Stock);
+        c.execute_batch(
+            "PRAGMA journal_mode=delete; CREATE TABLE t(v, pad);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)
+             INSERT INTO t SELECT 0, randomblob(200) FROM n;",
+        )
+        .unwrap();
+        drop(c);
+        let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
+        let mut p = python(&py, ORPHANED_CHILD, &args);
+        let said: Value = serde_json::from_str(&p.line()).unwrap();
+        p.kill();
+        match mode {
+            Mode::Writelock => assert_eq!(
+                said,
+                serde_json::json!(["wrote", 0, "ok"]),
+                "the child after its parent died: want it to write, the parent's half-done \
+                 update rolled back"
+            ),
+            Mode::Stock => assert_eq!(said[0], "wrote", "{said}"),
+        }
+    }
+}
+
 /// `<db>.lock` deleted while a writer is in the middle of its transaction: a
 /// new process of the extension opens the fresh lock file and would not see
 /// the old one's holder — it must still wait for it (the holder record on

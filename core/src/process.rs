@@ -114,6 +114,19 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Whether process `pid` still runs: it exists ([`alive`]) and is not a
+/// zombie. A killed process's files are closed and its locks gone the moment
+/// it dies, but signal 0 still reaches it until its parent reaps it.
+pub fn running(pid: u32) -> bool {
+    alive(pid)
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            // "pid (comm) state …": comm may hold spaces and parentheses.
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X")
+        })
+}
+
 /// A process-wide value rebuilt in every forked child (see the module docs).
 pub struct PerProcess<T: 'static>(sys::PerProcess<T>);
 

@@ -21,9 +21,10 @@ use super::guard;
 pub(super) const OPEN_KINDS: c_int = 0x0000_7F00 | ffi::SQLITE_OPEN_WAL;
 
 /// Journals of the parent's connections that a forked child closed: the
-/// child's SQLite must not delete them. Kept by path and identity, so the
-/// child's own later journal at the same path is its to delete.
-type Kept = std::sync::Mutex<Vec<(PathBuf, (u64, u64))>>;
+/// child's SQLite must not delete them while the parent lives. Kept by path
+/// and identity, so the child's own later journal at the same path is its to
+/// delete, and with the process that opened them.
+type Kept = std::sync::Mutex<Vec<(PathBuf, (u64, u64), u32)>>;
 static KEPT: writelock_core::process::PerProcess<Kept> = writelock_core::process::PerProcess::new();
 
 fn identity(p: &Path) -> Option<(u64, u64)> {
@@ -34,17 +35,26 @@ fn identity(p: &Path) -> Option<(u64, u64)> {
 }
 
 /// Whether this process may delete `path` (`xDelete`): not a journal of its
-/// parent's open transaction that it closed as an inherited file.
+/// parent's open transaction that it closed as an inherited file. Once the
+/// parent is gone, that journal is an ordinary hot journal: a connection of
+/// the child that rolled it back (under the lock, as any process would)
+/// deletes it. (The inherited connection itself cannot: its rollback's
+/// writes are refused, and SQLite deletes no journal it failed to play back.)
 pub(super) fn may_delete(path: &Path) -> bool {
     if !writelock_core::process::forked() {
         return true;
     }
     let kept = KEPT.get(Default::default);
     let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-    match kept.iter().position(|(p, _)| p == path) {
-        Some(i) if identity(path) == Some(kept[i].1) => false,
+    match kept.iter().position(|(p, _, _)| p == path) {
+        Some(i)
+            if identity(path) == Some(kept[i].1) && writelock_core::process::running(kept[i].2) =>
+        {
+            false
+        }
         Some(i) => {
-            kept.remove(i); // a newer file at that path: the child's own
+            // A newer file at that path (the child's own), or the parent died.
+            kept.remove(i);
             true
         }
         None => true,
@@ -73,7 +83,7 @@ unsafe extern "C" fn s_close(f: *mut ffi::sqlite3_file) -> c_int {
                 let kept = KEPT.get(Default::default);
                 kept.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push((path, id));
+                    .push((path, id, sf.pid));
             }
         }
         inner_call!(f, xClose)

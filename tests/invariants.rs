@@ -1914,6 +1914,94 @@ except sqlite3.Error as e:
     }
 }
 
+/// The same deletion (`rm app.db.lock*`) under a large transaction whose
+/// writer's SQLite locks a stray `close()` cancelled, with a newcomer that
+/// tries to write and then closes: nothing of the old writer's may be lost
+/// or corrupted. In rollback mode the newcomer must not roll the live
+/// journal back; in WAL mode its closing connection, believing itself the
+/// last, must not delete the `-wal` the old writer is about to commit into.
+/// Stock SQLite corrupts the database (rollback) or loses the commit (WAL).
+#[test]
+fn deleting_the_lock_files_under_a_large_transaction_loses_nothing() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    const OLD: &str = r#"
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 5)
+con.execute("PRAGMA cache_size=20")
+con.execute("BEGIN IMMEDIATE")
+con.execute("UPDATE t SET pad = randomblob(310)")  # spills before the commit
+con.execute("INSERT INTO marks VALUES ('old')")
+os.close(os.open(db, os.O_RDONLY))  # a stray close(): SQLite's POSIX locks are gone
+print("in transaction", flush=True)
+os.read(0, 1)
+try:
+    con.execute("COMMIT")
+    print("committed", flush=True)
+except sqlite3.Error as e:
+    print("commit:", e, flush=True)
+os._exit(0)  # a commit must survive the process dying right after it
+"#;
+    const NEW: &str = r#"
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 0.3)
+try:
+    con.execute("BEGIN IMMEDIATE")
+    con.execute("INSERT INTO marks VALUES ('new')")
+    con.execute("DELETE FROM t WHERE rowid % 3 = 0")
+    con.execute("COMMIT")
+    print("ok", flush=True)
+except sqlite3.Error as e:
+    print(e, flush=True)
+con.close()
+"#;
+    for journal in JOURNAL_MODES {
+        for mode in Mode::BOTH {
+            let dir = tempdir();
+            let db = dir.path().join("app.db");
+            let c = open(&db, Mode::Stock);
+            c.execute_batch(&format!(
+                "PRAGMA journal_mode={journal}; CREATE TABLE t(pad); CREATE TABLE marks(who);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)
+                 INSERT INTO t SELECT randomblob(300) FROM n;"
+            ))
+            .unwrap();
+            drop(c);
+            let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
+            let mut old = python(&py, OLD, &args);
+            assert_eq!(old.line(), "in transaction");
+            let _ = std::fs::remove_file(lock_path(&db));
+            let _ = std::fs::remove_file(writelock_core::page::page_path_for(&lock_path(&db)));
+            let (_, new_said, err) = python(&py, NEW, &args).finish_within(Duration::from_secs(10));
+            old.send("");
+            let old_said = old.line();
+            old.finish_within(Duration::from_secs(10));
+            let c = open(&db, Mode::Stock);
+            let check: Result<(String, Vec<String>), rusqlite::Error> = (|| {
+                let mut ok: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+                ok.truncate(120);
+                let mut st = c.prepare("SELECT who FROM marks ORDER BY rowid")?;
+                let who = st
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok((ok, who))
+            })();
+            if mode == Mode::Writelock {
+                assert!(
+                    new_said.trim() != "ok"
+                        && old_said == "committed"
+                        && matches!(&check, Ok((ok, who)) if ok == "ok" && who == &["old"]),
+                    "{journal}: the newcomer said {new_said:?} {err}; the old writer: \
+                     {old_said}; the database: {check:?} (want the newcomer refused, the old \
+                     commit kept, integrity ok)"
+                );
+            }
+        }
+    }
+}
+
 /// A process without the extension holds SQLite's write lock for 1.5 s while
 /// a `flock(1)` loop takes `<db>.lock` for a moment, again and again. The
 /// extension's writers (busy_timeout 2000) keep getting the flock early,

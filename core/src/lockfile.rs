@@ -198,6 +198,13 @@ const BORROW_BYTE: i64 = 3;
 /// extension's own open file description).
 pub const DB_WRITER_BYTE: i64 = 0x4000_0000 + 0x300;
 
+/// Byte of the database file a WAL connection holds an OFD read lock on
+/// while it is attached (its shadow read lock held), for the same reason:
+/// the last-connection checkpoint that deletes `-wal` is refused while
+/// another connection is attached, even when `<db>.lock` and its page were
+/// deleted and a stray `close()` cancelled SQLite's own locks.
+pub const DB_ATTACHED_BYTE: i64 = 0x4000_0000 + 0x301;
+
 /// The OFD shadow lock a handle holds (see [`LockFile::shadow`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Shadow {
@@ -279,6 +286,12 @@ pub struct LockFile {
     /// first hold (readers never need it). Its path, to open it.
     db: Option<File>,
     db_path: PathBuf,
+    /// [`DB_WRITER_BYTE`] is held now.
+    db_marked: bool,
+    /// [`DB_ATTACHED_BYTE`] is held now.
+    db_attached: bool,
+    /// The handle is in WAL mode: no [`DB_WRITER_BYTE`] (see [`Self::set_wal`]).
+    wal: bool,
 }
 
 /// Identifies this copy of the extension in this process in the holder
@@ -587,6 +600,9 @@ impl LockFile {
             held_since: None,
             db: None,
             db_path: db_path.to_path_buf(),
+            db_marked: false,
+            db_attached: false,
+            wal: false,
         };
         lf.adopt()?;
         lf.page = Page::for_lock_file(&lf.path, mode);
@@ -949,6 +965,9 @@ impl LockFile {
     /// taking it: of two writers of different lock files that take it at
     /// the same moment, both see the other and both wait a round.
     fn mark_writer(&mut self) -> bool {
+        if self.wal {
+            return true;
+        }
         let Some(f) = self.db_file() else {
             return true;
         };
@@ -956,6 +975,7 @@ impl LockFile {
         if nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_err() {
             return true; // nothing to check with; the flock stays the lock
         }
+        self.db_marked = true;
         if self.writer_elsewhere() {
             self.unmark_writer();
             return false;
@@ -963,12 +983,49 @@ impl LockFile {
         true
     }
 
-    /// Let go of [`DB_WRITER_BYTE`] (nothing if never taken).
+    /// Hold (or let go of) [`DB_ATTACHED_BYTE`] with the WAL attachment.
+    fn mark_attached(&mut self, on: bool) {
+        if on == self.db_attached {
+            return;
+        }
+        if let Some(f) = self.db_file() {
+            let fl = ofd(
+                DB_ATTACHED_BYTE,
+                if on { libc::F_RDLCK } else { libc::F_UNLCK },
+            );
+            let ok = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_ok();
+            self.db_attached = on && ok;
+        }
+    }
+
+    /// Whether another description holds [`DB_ATTACHED_BYTE`].
+    fn attached_elsewhere(&mut self) -> bool {
+        let Some(f) = self.db_file() else {
+            return false;
+        };
+        let mut fl = ofd(DB_ATTACHED_BYTE, libc::F_WRLCK);
+        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+            .is_ok_and(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
+    }
+
+    /// Let go of [`DB_WRITER_BYTE`] if held.
     fn unmark_writer(&mut self) {
-        if let Some(f) = &self.db {
+        if let (Some(f), true) = (&self.db, self.db_marked) {
             let fl = ofd(DB_WRITER_BYTE, libc::F_UNLCK);
             let _ = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl));
         }
+        self.db_marked = false;
+    }
+
+    /// In WAL mode a writer takes no [`DB_WRITER_BYTE`]: SQLite's own write
+    /// lock lives in the WAL index (`-shm`), which a stray `close()` of the
+    /// database does not cancel, so a writer of a fresh lock file is still
+    /// refused by SQLite there. Rollback modes need it (their locks are on
+    /// the database file).
+    pub fn set_wal(&mut self, wal: bool) {
+        self.wal = wal;
+        let attached = wal && self.shadow != Shadow::Unlocked;
+        self.mark_attached(attached);
     }
 
     /// Whether another open file description holds [`DB_WRITER_BYTE`] of the
@@ -1087,8 +1144,14 @@ impl LockFile {
             Shadow::Read => libc::F_RDLCK,
             Shadow::Write => libc::F_WRLCK,
         };
+        if self.wal && to == Shadow::Write && self.attached_elsewhere() {
+            return Ok(false);
+        }
         let ok = self.ofd_lock(SHADOW_BYTE, l_type)?;
         if ok {
+            if self.wal {
+                self.mark_attached(to != Shadow::Unlocked);
+            }
             let from = std::mem::replace(&mut self.shadow, to);
             if from == Shadow::Write && to < from {
                 self.open_gate(Gate::Readers);

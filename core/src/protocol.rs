@@ -150,6 +150,9 @@ pub trait WriterFlock {
     fn refresh(&mut self) -> Result<(), LockError> {
         Ok(())
     }
+    /// Whether the handle is in WAL mode (its writers' own lock lives in the
+    /// WAL index, which no stray `close()` of the database cancels).
+    fn set_wal(&mut self, _wal: bool) {}
 }
 
 impl WriterFlock for crate::lockfile::LockFile {
@@ -179,6 +182,9 @@ impl WriterFlock for crate::lockfile::LockFile {
     }
     fn refresh(&mut self) -> Result<(), LockError> {
         crate::lockfile::LockFile::refresh(self)
+    }
+    fn set_wal(&mut self, wal: bool) {
+        crate::lockfile::LockFile::set_wal(self, wal)
     }
 }
 
@@ -746,6 +752,7 @@ impl<F: WriterFlock, C: Clock> Protocol<F, C> {
     /// The handle has mapped the WAL index (so it is in WAL mode).
     pub fn shm_mapped(&mut self) {
         self.wal = true;
+        self.flock.set_wal(true);
     }
 
     /// `xCheckReservedLock`, asked by a reader that found a journal; `inner`
@@ -919,6 +926,7 @@ impl<F: WriterFlock, C: Clock> Protocol<F, C> {
     /// `xShmUnmap`: the shared-memory connection and all its locks are gone.
     pub fn shm_unmap(&mut self) {
         self.wal = false;
+        self.flock.set_wal(false);
         self.shm_excl = 0;
         self.shm_shared = 0;
         self.sync_shm_reasons();

@@ -2002,6 +2002,73 @@ con.close()
     }
 }
 
+/// WAL mode, the lock files deleted while a connection is attached (its
+/// SQLite lock on the database cancelled by a stray `close()`): a newcomer in
+/// `locking_mode=EXCLUSIVE` never maps `-shm`, so SQLite's WAL locks do not
+/// stop it; the attached connection's byte of the database does. Stock
+/// SQLite lets the newcomer write beside the attached connection.
+#[test]
+fn an_exclusive_mode_newcomer_waits_for_attached_wal_connections_after_the_lock_files_go() {
+    let Some(py) = system_python() else { return };
+    let so = so_path();
+    const ATTACHED: &str = r#"
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 2)
+con.execute("SELECT count(*) FROM t").fetchone()
+os.close(os.open(db, os.O_RDONLY))  # a stray close(): SQLite's POSIX locks are gone
+print("attached", flush=True)
+os.read(0, 1)
+try:
+    con.execute("INSERT INTO t VALUES ('attached')")
+    print("wrote", flush=True)
+except sqlite3.Error as e:
+    print(e, flush=True)
+con.close()
+"#;
+    const NEWCOMER: &str = r#"
+db, so, vfs = sys.argv[1:4]
+load_extension(so, vfs)
+con = connect(db, vfs, 0.3)
+try:
+    con.execute("PRAGMA locking_mode=EXCLUSIVE")
+    con.execute("INSERT INTO t VALUES ('newcomer')")
+    print("wrote", flush=True)
+except sqlite3.Error as e:
+    print(e, flush=True)
+con.close()
+"#;
+    for mode in Mode::BOTH {
+        let dir = tempdir();
+        let db = dir.path().join("app.db");
+        create_table(&db, "wal");
+        let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
+        let mut a = python(&py, ATTACHED, &args);
+        assert_eq!(a.line(), "attached");
+        let _ = std::fs::remove_file(lock_path(&db));
+        let _ = std::fs::remove_file(writelock_core::page::page_path_for(&lock_path(&db)));
+        let (_, n_said, err) = python(&py, NEWCOMER, &args).finish_within(Duration::from_secs(10));
+        a.send("");
+        let a_said = a.line();
+        a.finish_within(Duration::from_secs(10));
+        if mode == Mode::Writelock {
+            let c = open(&db, Mode::Stock);
+            let rows: Vec<String> = c
+                .prepare("SELECT x FROM t")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                n_said.trim() == "database is locked" && a_said == "wrote" && rows == ["attached"],
+                "the newcomer said {n_said:?} {err}; the attached connection: {a_said}; rows \
+                 {rows:?} (want the newcomer refused, the attached connection's row kept)"
+            );
+        }
+    }
+}
+
 /// A process without the extension holds SQLite's write lock for 1.5 s while
 /// a `flock(1)` loop takes `<db>.lock` for a moment, again and again. The
 /// extension's writers (busy_timeout 2000) keep getting the flock early,

@@ -200,7 +200,8 @@ pub const DB_WRITER_BYTE: i64 = 0x4000_0000 + 0x300;
 
 /// Byte of the database file a WAL connection holds an OFD read lock on
 /// while it is attached (its shadow read lock held), for the same reason:
-/// the last-connection checkpoint that deletes `-wal` is refused while
+/// no shadow write lock — the last-connection checkpoint that deletes
+/// `-wal`, a newcomer in `locking_mode=EXCLUSIVE` — is granted while
 /// another connection is attached, even when `<db>.lock` and its page were
 /// deleted and a stray `close()` cancelled SQLite's own locks.
 pub const DB_ATTACHED_BYTE: i64 = 0x4000_0000 + 0x301;
@@ -1144,7 +1145,9 @@ impl LockFile {
             Shadow::Read => libc::F_RDLCK,
             Shadow::Write => libc::F_WRLCK,
         };
-        if self.wal && to == Shadow::Write && self.attached_elsewhere() {
+        // Whatever this handle's mode: a newcomer in `locking_mode=EXCLUSIVE`
+        // never maps `-shm`, yet takes EXCLUSIVE on a WAL database.
+        if to == Shadow::Write && self.shadow != Shadow::Write && self.attached_elsewhere() {
             return Ok(false);
         }
         let ok = self.ofd_lock(SHADOW_BYTE, l_type)?;

@@ -1693,6 +1693,29 @@ fn a_forked_child_cannot_write_through_an_inherited_connection() {
     }
 }
 
+/// A rollback-mode database whose table `t(v, pad)` is large enough that
+/// updating every row spills (a half-written database file, a hot journal)
+/// with a small cache.
+fn spilling_table(dir: &Path) -> PathBuf {
+    let db = dir.join("app.db");
+    let c = open(&db, Mode::Stock);
+    c.execute_batch(
+        "PRAGMA journal_mode=delete; CREATE TABLE t(v, pad);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)
+         INSERT INTO t SELECT 0, randomblob(200) FROM n;",
+    )
+    .unwrap();
+    db
+}
+
+/// `rm <db>.lock` (and its page, `rm <db>.lock*`): what a cleanup script does.
+fn delete_lock_files(db: &Path, with_page: bool) {
+    let _ = std::fs::remove_file(lock_path(db));
+    if with_page {
+        let _ = std::fs::remove_file(writelock_core::page::page_path_for(&lock_path(db)));
+    }
+}
+
 const INHERITED_CLOSE_CRASH: &str = r#"
 db, so, vfs = sys.argv[1:4]
 load_extension(so, vfs)
@@ -1722,15 +1745,7 @@ fn a_forked_child_never_deletes_its_parents_journal() {
     let so = so_path();
     for mode in Mode::BOTH {
         let dir = tempdir();
-        let db = dir.path().join("app.db");
-        let c = open(&db, Mode::Stock);
-        c.execute_batch(
-            "PRAGMA journal_mode=delete; CREATE TABLE t(v, pad);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)
-             INSERT INTO t SELECT 0, randomblob(200) FROM n;",
-        )
-        .unwrap();
-        drop(c);
+        let db = spilling_table(dir.path());
         let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
         let mut p = python(&py, INHERITED_CLOSE_CRASH, &args);
         assert_eq!(p.line(), "ready");
@@ -1803,15 +1818,7 @@ fn a_forked_child_recovers_its_dead_parents_journal() {
     let so = so_path();
     for mode in Mode::BOTH {
         let dir = tempdir();
-        let db = dir.path().join("app.db");
-        let c = open(&db, Mode::Stock);
-        c.execute_batch(
-            "PRAGMA journal_mode=delete; CREATE TABLE t(v, pad);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i<3000)
-             INSERT INTO t SELECT 0, randomblob(200) FROM n;",
-        )
-        .unwrap();
-        drop(c);
+        let db = spilling_table(dir.path());
         let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
         let mut p = python(&py, ORPHANED_CHILD, &args);
         let said: Value = serde_json::from_str(&p.line()).unwrap();
@@ -1883,11 +1890,7 @@ except sqlite3.Error as e:
             let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
             let mut a = python(&py, HOLDER, &args);
             assert_eq!(a.line(), "in transaction");
-            let _ = std::fs::remove_file(lock_path(&db));
-            if with_page {
-                let page = writelock_core::page::page_path_for(&lock_path(&db));
-                let _ = std::fs::remove_file(page);
-            }
+            delete_lock_files(&db, with_page);
             let (_, out, err) = python(&py, OTHER, &args).finish_within(Duration::from_secs(10));
             let b: Value =
                 serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out:?} {err}"));
@@ -1972,8 +1975,7 @@ con.close()
             let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
             let mut old = python(&py, OLD, &args);
             assert_eq!(old.line(), "in transaction");
-            let _ = std::fs::remove_file(lock_path(&db));
-            let _ = std::fs::remove_file(writelock_core::page::page_path_for(&lock_path(&db)));
+            delete_lock_files(&db, true);
             let (_, new_said, err) = python(&py, NEW, &args).finish_within(Duration::from_secs(10));
             old.send("");
             let old_said = old.line();
@@ -2045,8 +2047,7 @@ con.close()
         let args = [db.as_os_str(), so.as_os_str(), OsStr::new(mode.vfs())];
         let mut a = python(&py, ATTACHED, &args);
         assert_eq!(a.line(), "attached");
-        let _ = std::fs::remove_file(lock_path(&db));
-        let _ = std::fs::remove_file(writelock_core::page::page_path_for(&lock_path(&db)));
+        delete_lock_files(&db, true);
         let (_, n_said, err) = python(&py, NEWCOMER, &args).finish_within(Duration::from_secs(10));
         a.send("");
         let a_said = a.line();

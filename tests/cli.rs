@@ -73,6 +73,20 @@ fn status_names_the_holder_while_a_transaction_is_open() {
     }
 }
 
+/// A writer of `mode` while a tool holds `db`'s lock: the extension's gets
+/// `database is locked` after a 200 ms busy_timeout, a stock one writes.
+/// The shell, for what the caller does next.
+fn write_while_held(db: &Path, mode: Mode) -> Shell {
+    let mut w = Shell::start(db, mode);
+    w.run(".timeout 200");
+    let out = w.run("INSERT INTO t VALUES (1);");
+    match mode {
+        Mode::Writelock => assert!(out.contains("database is locked"), "{out:?}"),
+        Mode::Stock => assert_eq!(out, "", "stock writers ignore the lock"),
+    }
+    w
+}
+
 #[test]
 fn run_holds_the_lock_for_the_command_and_passes_its_status() {
     for mode in Mode::BOTH {
@@ -87,13 +101,7 @@ fn run_holds_the_lock_for_the_command_and_passes_its_status() {
                 .stdin(Stdio::piped()),
         );
         assert_eq!(line.trim(), "started");
-        let mut w = Shell::start(&db, mode);
-        w.run(".timeout 200");
-        let out = w.run("INSERT INTO t VALUES (1);");
-        match mode {
-            Mode::Writelock => assert!(out.contains("database is locked"), "{out:?}"),
-            Mode::Stock => assert_eq!(out, "", "stock writers ignore the lock"),
-        }
+        let mut w = write_while_held(&db, mode);
         job.stdin.take().unwrap().write_all(b"\n").unwrap();
         assert_eq!(job.wait().unwrap().code(), Some(7), "the command's status");
         assert_eq!(w.run("INSERT INTO t VALUES (2);"), "");
@@ -138,14 +146,7 @@ fn run_locks_a_lock_file_it_may_only_read() {
     assert!(!outside_flock_free(&db), "held while the command runs");
     if root {
         for mode in Mode::BOTH {
-            let mut w = Shell::start(&db, mode);
-            w.run(".timeout 200");
-            let out = w.run("INSERT INTO t VALUES (1);");
-            match mode {
-                Mode::Writelock => assert!(out.contains("database is locked"), "{out:?}"),
-                Mode::Stock => assert_eq!(out, "", "stock writers ignore the lock"),
-            }
-            w.finish();
+            write_while_held(&db, mode).finish();
         }
     }
     job.stdin.take().unwrap().write_all(b"\n").unwrap();

@@ -969,11 +969,7 @@ impl LockFile {
         if self.wal {
             return true;
         }
-        let Some(f) = self.db_file() else {
-            return true;
-        };
-        let fl = ofd(DB_WRITER_BYTE, libc::F_RDLCK);
-        if nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_err() {
+        if !self.db_lock(DB_WRITER_BYTE, libc::F_RDLCK) {
             return true; // nothing to check with; the flock stays the lock
         }
         self.db_marked = true;
@@ -986,36 +982,40 @@ impl LockFile {
 
     /// Hold (or let go of) [`DB_ATTACHED_BYTE`] with the WAL attachment.
     fn mark_attached(&mut self, on: bool) {
-        if on == self.db_attached {
-            return;
-        }
-        if let Some(f) = self.db_file() {
-            let fl = ofd(
+        if on != self.db_attached {
+            let ok = self.db_lock(
                 DB_ATTACHED_BYTE,
                 if on { libc::F_RDLCK } else { libc::F_UNLCK },
             );
-            let ok = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).is_ok();
             self.db_attached = on && ok;
         }
     }
 
-    /// Whether another description holds [`DB_ATTACHED_BYTE`].
-    fn attached_elsewhere(&mut self) -> bool {
+    /// Let go of [`DB_WRITER_BYTE`] if held.
+    fn unmark_writer(&mut self) {
+        if std::mem::take(&mut self.db_marked) {
+            self.db_lock(DB_WRITER_BYTE, libc::F_UNLCK);
+        }
+    }
+
+    /// Set (or clear) this handle's OFD lock on `byte` of the database:
+    /// whether it was done (not without a descriptor of the database).
+    fn db_lock(&mut self, byte: i64, l_type: libc::c_int) -> bool {
         let Some(f) = self.db_file() else {
             return false;
         };
-        let mut fl = ofd(DB_ATTACHED_BYTE, libc::F_WRLCK);
-        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
-            .is_ok_and(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
+        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&ofd(byte, l_type))).is_ok()
     }
 
-    /// Let go of [`DB_WRITER_BYTE`] if held.
-    fn unmark_writer(&mut self) {
-        if let (Some(f), true) = (&self.db, self.db_marked) {
-            let fl = ofd(DB_WRITER_BYTE, libc::F_UNLCK);
-            let _ = nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl));
-        }
-        self.db_marked = false;
+    /// Whether another open file description holds a lock on `byte` of the
+    /// database (asked with `F_OFD_GETLK`, which takes nothing).
+    fn db_held_elsewhere(&mut self, byte: i64) -> bool {
+        let Some(f) = self.db_file() else {
+            return false;
+        };
+        let mut fl = ofd(byte, libc::F_WRLCK);
+        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+            .is_ok_and(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
     }
 
     /// In WAL mode a writer takes no [`DB_WRITER_BYTE`]: SQLite's own write
@@ -1032,12 +1032,7 @@ impl LockFile {
     /// Whether another open file description holds [`DB_WRITER_BYTE`] of the
     /// database: a writer of the extension, whatever lock file it holds.
     fn writer_elsewhere(&mut self) -> bool {
-        let Some(f) = self.db_file() else {
-            return false;
-        };
-        let mut fl = ofd(DB_WRITER_BYTE, libc::F_WRLCK);
-        nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
-            .is_ok_and(|_| fl.l_type != libc::F_UNLCK as libc::c_short)
+        self.db_held_elsewhere(DB_WRITER_BYTE)
     }
 
     /// Note when the hold began, as the holder record says (tools match the
@@ -1147,7 +1142,10 @@ impl LockFile {
         };
         // Whatever this handle's mode: a newcomer in `locking_mode=EXCLUSIVE`
         // never maps `-shm`, yet takes EXCLUSIVE on a WAL database.
-        if to == Shadow::Write && self.shadow != Shadow::Write && self.attached_elsewhere() {
+        if to == Shadow::Write
+            && self.shadow != Shadow::Write
+            && self.db_held_elsewhere(DB_ATTACHED_BYTE)
+        {
             return Ok(false);
         }
         let ok = self.ofd_lock(SHADOW_BYTE, l_type)?;
